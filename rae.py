@@ -191,12 +191,20 @@ class VisionTower(nn.Module):
 
     def forward(self, img):
         """(B, 3, H, W) in [-1, 1] -> last block output before post_layernorm (B, N, D) = HF hidden_states[-1]."""
+        return self.features(img, [len(self.blocks) - 1])[0]
+
+    def features(self, img, layers):
+        """Outputs of the blocks numbered in `layers` (0-based): a list of (B, N, D). Stops after the deepest
+        one; used by the decoder's perceptual loss and discriminator, which tap several depths."""
         check_image(img, self.patch)
         x = self.patch_embed(img.to(self.pos_embed.dtype))  # (B, D, H/p, W/p)
         x = x.flatten(2).transpose(1, 2) + self.pos_for(*x.shape[2:])  # (B, N, D)
-        for block in self.blocks:
+        out = []
+        for i, block in enumerate(self.blocks[: max(layers) + 1]):
             x = block(x)
-        return x
+            if i in layers:
+                out.append(x)
+        return out
 
     def pool(self, h):
         """(B, N, D) block output -> (B, D) = HF pooler_output (post_layernorm, then MAP head).
@@ -682,6 +690,9 @@ def load_siglip2(path, device=None, dtype=None, text=True):
             if t.shape != want:
                 raise ValueError(f"{file}: key '{key}' has shape {tuple(t.shape)}, config.json implies {want}")
         state[ours] = (torch.cat([p[i][0] for i in range(3)]), p[0][1], p[0][2])
+    if not text:  # a vision-only export has no logit scale/bias, and nothing without the text tower uses them
+        for k in ("logit_scale", "logit_bias"):
+            state.setdefault(k, (torch.zeros(1), "", k))
     missing = sorted(set(expected) - set(state))
     if missing:
         raise ValueError(f"{os.path.join(path, files[0])}: missing key(s) for {missing[:3]}"
