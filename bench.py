@@ -27,6 +27,19 @@ def timeit(fn, warmup=1, iters=3):
     return sorted(times)[len(times) // 2]
 
 
+def interleaved(fns, iters=3):
+    """Median wall times of several functions timed in turn (one warmup each), for fair side-by-side numbers."""
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
+    for _ in range(iters):
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [sorted(ts)[len(ts) // 2] for ts in times]
+
+
 # ----------------------------------------------------------------------------- rae: SigLIP-2 encoder
 def bench_rae(args):
     """so400m-patch14-224 vision tower (427.7M params), random weights, fp32: ours vs transformers (sdpa)."""
@@ -47,9 +60,9 @@ def bench_rae(args):
     with torch.no_grad():
         diff = (ours(img) - hf(img, output_hidden_states=True).hidden_states[-1]).abs().max().item()
         diff_pool = (ours.pool(ours(img)) - hf(img).pooler_output).abs().max().item()
-        t_hf = timeit(lambda: hf(img), iters=args.iters)
-        t_ours = timeit(lambda: ours(img), iters=args.iters)
-        t_ours_pool = timeit(lambda: ours.pool(ours(img)), iters=args.iters)
+        # interleaved, so that a change in machine load hits all three alike; medians
+        t_hf, t_ours, t_ours_pool = interleaved([lambda: hf(img), lambda: ours(img), lambda: ours.pool(ours(img))],
+                                                iters=args.iters)
     print(f"so400m/14 vision tower, batch {args.batch}, fp32, {torch.get_num_threads()} threads; "
           f"max|diff| block output {diff:.2e}, pooled {diff_pool:.2e}")
     print(f"  transformers SiglipVisionModel (sdpa): {args.batch / t_hf:6.2f} img/s")

@@ -16,6 +16,7 @@ import copy
 import json
 import math
 import os
+import signal
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -185,6 +186,9 @@ def main(args):
         raise SystemExit(f"--batch {args.batch} is not divisible by the world size {world}")
     master = rank == 0
     os.makedirs(args.out, exist_ok=True)
+    stop = {"signal": None}  # SIGTERM / SIGUSR1 (cluster preemption): finish the step, save, exit 0
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, lambda num, _: stop.update(signal=num))
 
     # frozen encoder: latents, perceptual features and discriminator features all come from it
     model = data.toy_encoder() if args.encoder is None and args.preset == "toy" else None
@@ -262,7 +266,7 @@ def main(args):
     bad = data.BadSampleCounter()
     log = open(os.path.join(args.out, "metrics.jsonl"), "a") if master else None
     t0, seen = time.time(), 0
-    while step < args.steps:
+    while step < args.steps and stop["signal"] is None:
         epoch, consumed, batch = next(batches)
         bad.update(batch.get("bad", {}))
         img = batch["img"].to(device, non_blocking=True)
@@ -318,7 +322,11 @@ def main(args):
         if step % args.save_every == 0 or step == args.steps:
             save()
 
-    if master:
+    if stop["signal"] is not None:
+        save()
+        if master:
+            print(f"signal {stop['signal']}: saved step {step} to {ckpt_path}; rerun with --resume to continue")
+    elif master:
         print(f"done: {args.out}/decoder.safetensors" + (f", held-out PSNR {evaluate():.2f} dB" if val_img is not None else ""))
         if bad.total():
             print(f"skipped bad samples: {bad}")

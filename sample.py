@@ -1,0 +1,155 @@
+"""Generate images from text: noise -> DiT (Euler/Heun on the shifted grid, CFG) -> latent z -> RAE decoder -> PNG.
+
+    python sample.py --demo                                   # CPU, no download: train the toy decoder + DiT, sample, score
+    python sample.py --ckpt runs/dit --decoder runs/decoder/decoder.safetensors --prompt "a red circle on the left"
+    python sample.py --ckpt runs/dit/dit.safetensors --decoder dec.safetensors --prompts prompts.txt --n 4 --cfg 4
+
+The DiT is rebuilt from the config stored in its export (dit.safetensors, EMA weights); the encoder path and the
+latent kind come from there too unless given. --score prints each sample's zero-shot SigLIP-2 image-text logit
+computed on the generated latent itself (no decoding: generated latents live in the encoder's own space), and, for
+toy-world prompts, the toy GenEval accuracies.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+import data
+import dit
+import rae
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--demo", action="store_true", help="train the toy decoder and DiT on CPU, then sample and score")
+    p.add_argument("--ckpt", help="a train_dit.py run folder or its dit.safetensors")
+    p.add_argument("--decoder", help="decoder.safetensors (train_decoder.py); without it only latents are saved")
+    p.add_argument("--encoder", help="SigLIP-2 snapshot folder (default: the one the DiT was trained with)")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompts", help="a text file with one prompt per line")
+    p.add_argument("--n", type=int, default=1, help="samples per prompt")
+    p.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (1: off)")
+    p.add_argument("--cfg-interval", type=float, nargs=2, default=(0.0, 1.0), help="apply CFG only for t in [lo, hi]")
+    p.add_argument("--steps", type=int, default=50, help="sampler steps")
+    p.add_argument("--sampler", choices=["euler", "heun"], default="euler", help="ODE integrator")
+    p.add_argument("--batch", type=int, default=16, help="samples per forward")
+    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--out", default="samples", help="output folder: one PNG per sample + grid.png")
+    p.add_argument("--save-latents", action="store_true", help="also save the latents as latents.safetensors")
+    p.add_argument("--score", action="store_true", help="print SigLIP scores of the latents (+ toy GenEval)")
+    p.add_argument("--raw", action="store_true", help="use the non-EMA weights of a run folder's ckpt.pt")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.n < 1 or args.batch < 1:
+        p.error("--steps, --n and --batch must be positive")
+    if not args.demo and not args.ckpt:
+        p.error("--ckpt is required (or --demo)")
+    return args
+
+
+def load_dit(path, device):
+    """dit.safetensors (EMA weights + config in the metadata) -> (DiT, metadata dict)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "dit.safetensors")
+    meta = rae.read_metadata(path)
+    if "dit_config" not in meta:
+        raise SystemExit(f"{path}: no 'dit_config' in the safetensors metadata (not a train_dit.py export)")
+    with torch.device("meta"):
+        model = dit.DiT(dit.DiTConfig(**json.loads(meta["dit_config"])))
+    rae.load_checked(model, rae.read_safetensors(path), path)
+    return model.to(device).eval(), meta
+
+
+def main(args):
+    if args.demo:
+        return demo(args)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
+    prompts = list(args.prompt)
+    if args.prompts:
+        with open(args.prompts, encoding="utf-8") as f:
+            prompts += [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise SystemExit("no prompt: give --prompt TEXT (repeatable) or --prompts FILE")
+    for p in prompts:  # the tokenizer keeps 63 tokens; say so instead of silently cutting a long prompt
+        if len(p) > 300:
+            print(f"note: prompt of {len(p)} characters is truncated to 64 tokens: {p[:40]!r}...")
+
+    model, meta = load_dit(args.ckpt, device)
+    cfg = model.cfg
+    encoder = args.encoder or meta.get("encoder")
+    siglip = data.toy_encoder() if encoder in (None, "toy") else rae.load_siglip2(encoder)
+    siglip = siglip.to(device)
+    alpha = float(meta["alpha"])
+    stats = rae.load_latent_stats(meta["stats"], cfg.in_channels) if meta.get("stats") else None
+    ae = rae.RAE(siglip.vision, rae.load_decoder(args.decoder, device) if args.decoder else None, stats).to(device)
+    if meta.get("latent") == "vae" and args.decoder:
+        raise SystemExit("this DiT was trained on FLUX VAE latents: decode with vae.py, not an RAE decoder")
+
+    # sample in batches: prompt i repeated n times, the noise a function of --seed only
+    todo = [p for p in prompts for _ in range(args.n)]
+    g = torch.Generator(device).manual_seed(args.seed)
+    noise = torch.randn(len(todo), cfg.num_tokens, cfg.in_channels, generator=g, device=device)
+    latents = []
+    t0 = time.time()
+    for i in range(0, len(todo), args.batch):
+        chunk = todo[i:i + args.batch]
+        with torch.no_grad(), autocast:
+            cond = siglip.text(siglip.tokenizer(chunk).to(device)).float()
+            latents.append(dit.sample(model, noise[i:i + len(chunk)], cond, alpha, steps=args.steps,
+                                      method=args.sampler, cfg=args.cfg, cfg_interval=tuple(args.cfg_interval),
+                                      progress=True).float())
+    z = torch.cat(latents)  # (len(todo), N, C)
+    print(f"{len(todo)} samples in {time.time() - t0:.1f}s")
+    os.makedirs(args.out, exist_ok=True)
+    if args.save_latents:
+        from safetensors.torch import save_file
+        save_file({"z": z.cpu().contiguous()}, os.path.join(args.out, "latents.safetensors"),
+                  metadata={"prompts": json.dumps(todo)})
+
+    if args.score and meta.get("latent", "rae") == "rae":
+        # SigLIP image-text logit of each latent with its own prompt, straight from z (no pixels involved)
+        with torch.no_grad():
+            img_emb = siglip.vision.pool(ae.unnormalize(z))
+            txt_emb = siglip.text.pool(siglip.text(siglip.tokenizer(todo).to(device)))
+            logits = siglip.logits(img_emb, txt_emb).diagonal()
+        for p, s in zip(todo, logits.tolist()):
+            print(f"siglip logit {s:7.3f}  {p}")
+    if ae.decoder is None:
+        print(f"no --decoder: saved latents only" if args.save_latents else "no --decoder given: nothing to draw")
+        return
+    with torch.no_grad(), autocast:
+        img = torch.cat([ae.decode(b).float() for b in z.split(args.batch)]).clamp(-1, 1)  # (B, 3, H, W)
+    for k, im in enumerate(img):
+        data.save_image_grid(os.path.join(args.out, f"{k:04d}.png"), im[None], None)
+    data.save_image_grid(os.path.join(args.out, "grid.png"), img, todo, columns=args.n)
+    print(f"wrote {len(img)} images and grid.png to {args.out}")
+    if args.score:
+        truth = data.toy_truth(todo)  # None for prompts that are not toy-world captions
+        if truth is not None:
+            acc = data.score_toy(img.cpu(), truth)
+            print("toy GenEval: " + ", ".join(f"{k} {v:.1%}" if isinstance(v, float) else f"{k} {v}" for k, v in acc.items()))
+            return acc
+
+
+def demo(args):
+    """The whole method on CPU with no download: toy decoder, toy DiT, samples of a fixed prompt set, scores."""
+    t0 = time.time()
+    run = lambda *a: subprocess.run([sys.executable, *a], check=True)
+    run("train_decoder.py", "--preset", "toy")
+    run("train_dit.py", "--preset", "toy", "--decoder", "runs/toy_decoder/decoder.safetensors")
+    prompts = [p for p, _ in data.toy_prompts(24, seed=1)]
+    out = os.path.join("runs", "toy_demo")
+    acc = main(parse_args(["--ckpt", "runs/toy_dit", "--decoder", "runs/toy_decoder/decoder.safetensors",
+                           "--out", out, "--score", "--cfg", str(args.cfg), "--steps", "30", "--batch", "24",
+                           *sum((["--prompt", p] for p in prompts), [])]))
+    print(f"demo done in {(time.time() - t0) / 60:.1f} min: grid at {out}/grid.png")
+    return acc
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,355 @@
+"""Stage 2: train the DiT with flow matching on frozen latents, conditioned on the frozen SigLIP-2 text tower.
+
+`--latent rae`: z = LayerNorm(SigLIP-2 vision tower) (B, 256, 1152), the paper's latent; `--latent vae`: the FLUX.1
+VAE latent, 2x2-patchified to (B, 256, 64), for the controlled comparison (Scale-RAE Sec. 4). The time shift
+alpha = sqrt(N * C / 4096) is computed from the latent shape. One script for one CPU, one GPU and many GPUs:
+
+    python train_dit.py --preset toy                                            # CPU, toy world, minutes
+    python train_dit.py --latent rae --encoder ckpt/siglip2-so400m-patch14-224 --data /data/shards/{000..099}.tar
+    torchrun --nproc_per_node=8 train_dit.py --latent rae --encoder ckpt/siglip2-so400m-patch14-224 --data ...
+    torchrun --nproc_per_node=8 train_dit.py --model T2I-2.4B --fsdp --grad-ckpt ...   # multi-billion presets
+    python train_dit.py --plan --model T2I-2.4B --gpus 8 --batch 1024               # memory / FLOPs planner
+
+Writes to --out: metrics.jsonl, samples_*.png, ckpt.pt (--resume continues exactly; SIGTERM/SIGUSR1 save and
+exit 0) and dit.safetensors (EMA weights + config + latent description, for sample.py).
+"""
+import argparse
+import copy
+import functools
+import json
+import math
+import os
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+import dit
+import rae
+
+TOY = dict(data="toy", model="toy", batch=32, steps=2000, lr=1e-3, warmup=100, ema=0.995, log_every=50,
+           save_every=500, sample_every=500, workers=0, out="runs/toy_dit", cfg=3.0)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=["toy"], help="toy: toy world + toy encoder + toy DiT on CPU (flags still win)")
+    p.add_argument("--latent", choices=["rae", "vae"], default="rae", help="latent space: SigLIP-2 RAE or FLUX VAE")
+    p.add_argument("--encoder", help="SigLIP-2 snapshot folder (text tower always; vision tower for --latent rae)")
+    p.add_argument("--vae", help="FLUX VAE weights for --latent vae (ae.safetensors or a diffusers vae/ folder)")
+    p.add_argument("--stats", help="latent mean/var safetensors for --latent rae (rae.compute_latent_stats)")
+    p.add_argument("--decoder", help="decoder.safetensors from train_decoder.py, to decode the sample grids")
+    p.add_argument("--data", help="'toy', an image folder, class folders, or .tar shards")
+    p.add_argument("--class-cond", action="store_true", help="condition on class ids (class-folder datasets)")
+    p.add_argument("--model", default="T2I-2.4B", choices=list(dit.PRESETS), help="DiT preset")
+    p.add_argument("--out", default="runs/dit", help="output folder")
+    p.add_argument("--steps", type=int, default=60_000, help="optimizer steps")
+    p.add_argument("--batch", type=int, default=1024, help="global batch size (split over ranks and accumulation)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=5.65e-4, help="peak learning rate (Scale-RAE's DiT lr)")
+    p.add_argument("--min-lr", type=float, default=0.0, help="end of the cosine schedule")
+    p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine", help="after warmup")
+    p.add_argument("--warmup", type=int, default=800, help="linear warmup steps")
+    p.add_argument("--wd", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--clip", type=float, default=1.0, help="grad-norm clip (0: off)")
+    p.add_argument("--ema", type=float, default=0.9995, help="EMA decay per step")
+    p.add_argument("--p-drop", type=float, default=0.1, help="condition dropout to the learned null (for CFG)")
+    p.add_argument("--fsdp", action="store_true", help="shard every block with FSDP2 fully_shard (else DDP)")
+    p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing per DiT block")
+    p.add_argument("--compile", action="store_true", help="torch.compile the DiT")
+    p.add_argument("--workers", type=int, default=8, help="DataLoader workers per rank")
+    p.add_argument("--log-every", type=int, default=100, help="steps between metrics lines")
+    p.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints")
+    p.add_argument("--sample-every", type=int, default=5000, help="steps between sample grids (0: never)")
+    p.add_argument("--prompts", nargs="*", default=None, help="fixed prompts of the sample grid")
+    p.add_argument("--cfg", type=float, default=4.0, help="guidance scale of the sample grid")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, data order and noise")
+    p.add_argument("--plan", action="store_true", help="print parameters, FLOPs and memory per GPU, then exit")
+    p.add_argument("--gpus", type=int, default=8, help="GPU count for --plan")
+    p.add_argument("--gpu-mem", type=float, default=80, help="GiB per GPU for --plan")
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset")
+    if pre.parse_known_args(argv)[0].preset == "toy":
+        p.set_defaults(**TOY)
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.batch < 1 or args.grad_accum < 1:
+        p.error(f"--steps, --batch and --grad-accum must be positive (got {args.steps}, {args.batch}, {args.grad_accum})")
+    if not args.plan and args.data is None:
+        p.error("--data is required (or use --preset toy)")
+    return args
+
+
+# ----------------------------------------------------------------------------- planner
+def plan(args):
+    """Parameters, FLOPs per step and memory per GPU under DDP and FSDP2, from a model built on the meta device."""
+    cfg = dit.DiTConfig(**dit.PRESETS[args.model])
+    with torch.device("meta"):
+        n = sum(p.numel() for p in dit.DiT(cfg).parameters())
+    per_gpu = args.batch / args.gpus
+    D, L, N = cfg.hidden_size, cfg.depth, cfg.num_tokens + (cfg.text_len if cfg.cond == "text" else 0)
+    # activations kept for backward per sample, bf16: ~34 N D bytes per block (attention via SDPA, no N^2 term)
+    act = 34 * N * D * (L + cfg.connector_depth) * per_gpu / 2**30
+    act_ckpt = (2 * N * D * (L + cfg.connector_depth) + 34 * N * D) * per_gpu / 2**30  # block inputs + one block
+    state = 16 * n / 2**30  # fp32 params 4 + grads 4 + Adam m, v 8 bytes
+    ema = 4 * n / 2**30
+    flops = dit.flops(cfg) * args.batch
+    print(f"{args.model}: {n / 1e9:.3f}B params, {dit.flops(cfg) / 1e12:.2f} TFLOPs/sample (fwd+bwd), "
+          f"{flops / 1e15:.2f} PFLOPs/step at global batch {args.batch}, {per_gpu:g} samples/GPU")
+    print(f"{'GiB per GPU':24s} {'params+grads+Adam':>18s} {'EMA':>6s} {'activations':>12s} {'act. w/ ckpt':>13s} {'total (ckpt)':>13s}")
+    for name, shard in (("DDP", 1), (f"FSDP2 x{args.gpus}", args.gpus)):
+        total = state / shard + ema / shard + act_ckpt
+        print(f"{name:24s} {state / shard:18.1f} {ema / shard:6.1f} {act:12.1f} {act_ckpt:13.1f} {total:13.1f}"
+              f"{'' if total < args.gpu_mem else '  > ' + str(args.gpu_mem) + ' GiB'}")
+
+
+# ----------------------------------------------------------------------------- training
+def lr_at(step, args):
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    if args.schedule == "constant":
+        return args.lr
+    progress = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
+    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def per_sample_noise(seed, step, indices, shape, alpha, p_drop, device):
+    """(t, eps, drop) for samples with these global batch positions: a function of (seed, step, position)
+    only, so any split over ranks and micro-batches draws the same numbers as one process would."""
+    t, eps, drop = [], [], []
+    for i in indices:
+        g = torch.Generator(device).manual_seed((seed * 1_000_003 + step) * 65_537 + i)
+        t.append(dit.sample_t(1, alpha, g, device))
+        eps.append(torch.randn(shape, generator=g, device=device))
+        drop.append(torch.rand(1, generator=g, device=device) < p_drop)
+    return torch.cat(t), torch.stack(eps), torch.cat(drop)
+
+
+class Latents:
+    """Frozen towers: images -> latents z (B, N, C), captions -> text states (B, 64, Dt). Never trained or saved."""
+    def __init__(self, args, device):
+        siglip = data.toy_encoder() if args.encoder is None and args.preset == "toy" else None
+        if siglip is None:
+            if args.encoder is None:
+                raise SystemExit("--encoder is required (a SigLIP-2 snapshot folder; see `python rae.py download`)")
+            siglip = rae.load_siglip2(args.encoder)
+        self.siglip = siglip.to(device)
+        self.kind, self.device = args.latent, device
+        if args.latent == "rae":
+            stats = rae.load_latent_stats(args.stats, siglip.vision.pos_embed.shape[1]) if args.stats else None
+            self.rae = rae.RAE(self.siglip.vision, stats=stats).to(device)
+            self.size = self.siglip.vision.grid * self.siglip.vision.patch
+        else:
+            import vae as vae_mod
+            if args.vae is None:
+                raise SystemExit("--latent vae needs --vae (FLUX ae.safetensors or a diffusers vae/ folder)")
+            self.vae, self.patchify = vae_mod.load_flux_vae(args.vae, device=device), vae_mod.patchify
+            self.size = 256  # 256 px -> 32 x 32 x 16 -> 2x2 patches: 256 tokens x 64, as Scale-RAE's baseline
+        self.bf16 = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+    @torch.no_grad()
+    def images(self, img):
+        with self.bf16:
+            z = self.rae.encode(img) if self.kind == "rae" else self.patchify(self.vae.encode(img))
+        return z.float()
+
+    @torch.no_grad()
+    def text(self, captions):
+        with self.bf16:
+            return self.siglip.text(self.siglip.tokenizer(captions).to(self.device)).float()
+
+
+def main(args):
+    if args.plan:
+        return plan(args)
+    # setup
+    ddp = "RANK" in os.environ
+    if ddp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank, world, local = dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+    else:
+        rank, world, local = 0, 1, 0
+    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
+    if args.batch % (world * args.grad_accum):
+        raise SystemExit(f"--batch {args.batch} is not divisible by world size {world} x --grad-accum {args.grad_accum}")
+    master = rank == 0
+    os.makedirs(args.out, exist_ok=True)
+    stop = {"signal": None}  # SIGTERM / SIGUSR1 (cluster preemption): finish the step, save, exit 0
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, lambda num, _: stop.update(signal=num))
+
+    # frozen models and data
+    frozen = Latents(args, device)
+    train_set = data.build_dataset(args.data, frozen.size, rank, world, seed=args.seed)
+    z_probe = frozen.images(torch.zeros(1, 3, frozen.size, frozen.size, device=device))  # (1, N, C)
+    N, C = z_probe.shape[1:]
+    alpha = dit.shift_alpha(N, C)  # from the latent shape, never hard-coded
+
+    # trainable model + EMA
+    preset = dict(dit.PRESETS[args.model])
+    preset.update(in_channels=C, num_tokens=N, text_dim=frozen.siglip.text.pos_embed.shape[1] if frozen.siglip.text else 0,
+                  text_len=frozen.siglip.text.pos_embed.shape[0] if frozen.siglip.text else 0)
+    if args.class_cond:
+        preset.update(cond="class", num_classes=len(getattr(train_set, "classes", [])) or preset.get("num_classes", 1000))
+    else:
+        preset.update(cond="text")
+    cfg = dit.DiTConfig(**preset)
+    torch.manual_seed(args.seed)  # identical initial weights on every rank
+    model = dit.DiT(cfg).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    if master:
+        print(f"DiT {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params; latent {args.latent} "
+              f"{N} x {C}, alpha {alpha:.3f}; world {world}, {'FSDP2' if args.fsdp else 'DDP' if ddp else 'single'}, {device}")
+    if args.grad_ckpt:  # recompute each block in backward: activation memory of one block instead of all
+        for block in model.blocks:
+            block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
+
+    # distributed wrapping; the optimizer is built on the (possibly sharded) parameters
+    if args.fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
+        for m in (model, ema):
+            for block in m.blocks:
+                fully_shard(block, mp_policy=mp)
+            fully_shard(m, mp_policy=mp)
+        train_model = model
+    elif ddp:
+        train_model = DDP(model, device_ids=[local] if device.type == "cuda" else None)
+    else:
+        train_model = model
+    if args.compile:
+        train_model = torch.compile(train_model)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.wd)
+
+    # checkpoints: full state dicts on rank 0 (gathered from shards under FSDP2)
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    step, epoch, consumed = 0, 0, 0
+    if args.resume and os.path.exists(ckpt_path):
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        load = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, ck["model"], options=load)
+        set_model_state_dict(ema, ck["ema"], options=load)
+        set_optimizer_state_dict(model, opt, ck["opt"], options=load)
+        step, epoch, consumed = ck["step"], ck["epoch"], ck["consumed"]
+        if master:
+            print(f"resumed from {ckpt_path} at step {step}")
+
+    def save():
+        states = dict(model=get_model_state_dict(model, options=full), ema=get_model_state_dict(ema, options=full),
+                      opt=get_optimizer_state_dict(model, opt, options=full))  # collectives: every rank calls
+        if master:
+            ck = dict(**states, step=step, epoch=epoch, consumed=consumed, config=asdict(cfg), args=vars(args))
+            torch.save(ck, ckpt_path + ".tmp")
+            os.replace(ckpt_path + ".tmp", ckpt_path)  # never a half-written ckpt.pt
+            meta = dict(dit_config=json.dumps(asdict(cfg)), alpha=str(alpha), latent=args.latent, step=str(step),
+                        encoder=str(args.encoder or "toy"), vae=str(args.vae or ""), stats=str(args.stats or ""))
+            save_file({k: v.contiguous() for k, v in states["ema"].items()}, os.path.join(args.out, "dit.safetensors.tmp"), metadata=meta)
+            os.replace(os.path.join(args.out, "dit.safetensors.tmp"), os.path.join(args.out, "dit.safetensors"))
+        if ddp:
+            dist.barrier()
+
+    prompts = args.prompts or ([p for p, _ in data.toy_prompts(8)] if args.data.startswith("toy") else
+                               ["a photo of a cat", "a red car on a street", "a bowl of fruit", "a mountain lake at sunrise"])
+    decoder = rae.load_decoder(args.decoder, device) if args.decoder and args.latent == "rae" else None
+
+    def sample_grid():
+        """Fixed prompts -> EMA samples -> PNG (decoded when a decoder is given); rank 0 only."""
+        g = torch.Generator(device).manual_seed(args.seed)
+        noise = torch.randn(len(prompts), N, C, generator=g, device=device)
+        cond = frozen.text(prompts) if cfg.cond == "text" else torch.arange(len(prompts), device=device) % cfg.num_classes
+        with autocast:
+            z = dit.sample(ema, noise, cond, alpha, steps=25, cfg=args.cfg)
+        if decoder is None:
+            return
+        img = decoder(frozen.rae.unnormalize(z.float())).clamp(-1, 1)  # (B, 3, H, W)
+        data.save_image_grid(os.path.join(args.out, f"samples_{step:06d}.png"), img, prompts)
+
+    # loop
+    micro = args.batch // (world * args.grad_accum)
+    batches = data.infinite_batches(train_set, args.batch // world, rank, world, args.seed, args.workers, epoch, consumed)
+    bad = data.BadSampleCounter()
+    log = open(os.path.join(args.out, "metrics.jsonl"), "a") if master else None
+    bins_sum, bins_n = torch.zeros(10, device=device), torch.zeros(10, device=device)
+    t0, seen = time.time(), 0
+    while step < args.steps and stop["signal"] is None:
+        epoch, consumed, batch = next(batches)
+        bad.update(batch.get("bad", {}))
+        lr = lr_at(step, args)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        img = batch["img"].to(device, non_blocking=True)
+        z = frozen.images(img)  # (b, N, C)
+        cond = frozen.text(batch["caption"]) if cfg.cond == "text" else batch["label"].to(device)
+        loss_sum = torch.zeros((), device=device)
+        for m in range(args.grad_accum):  # gradient accumulation that really accumulates: one step, one clip
+            sl = slice(m * micro, (m + 1) * micro)
+            first = rank * (args.batch // world) + m * micro  # global position of this micro-batch's first sample
+            noise = per_sample_noise(args.seed, step, range(first, first + micro), (N, C), alpha, args.p_drop, device)
+            sync = nullcontext() if not ddp or args.fsdp or m == args.grad_accum - 1 else train_model.no_sync()
+            with sync, autocast:
+                loss, per_sample, t = dit.flow_loss(train_model, z[sl], cond[sl], alpha, noise=noise)
+                (loss / args.grad_accum).backward()
+            loss_sum += loss.detach() / args.grad_accum
+            s, n = dit.loss_per_t_bin(per_sample, t)
+            bins_sum += s
+            bins_n += n
+        if ddp:
+            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+        if not torch.isfinite(loss_sum):  # before the step: the weights and the last checkpoint stay good
+            raise SystemExit(f"step {step}: loss is {loss_sum.item()}; stopping without saving (last good: {ckpt_path})")
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip if args.clip > 0 else float("inf"))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), model.parameters()):
+                e.lerp_(p, 1 - args.ema)
+        step += 1
+        seen += args.batch
+
+        if step % args.log_every == 0 or step == args.steps:
+            if ddp:
+                dist.all_reduce(bins_sum)
+                dist.all_reduce(bins_n)
+            if master:
+                dt = time.time() - t0
+                rec = dict(step=step, loss=loss_sum.item(), lr=lr, grad_norm=float(gnorm), samples_per_s=seen / dt,
+                           flops_per_s=dit.flops(cfg) * seen / dt, bad_samples=bad.total(),
+                           loss_per_t_bin=[round(v, 4) for v in (bins_sum / bins_n.clamp_min(1)).tolist()])
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                print(f"step {step} loss {rec['loss']:.4f} lr {lr:.3g} grad {rec['grad_norm']:.3g} "
+                      f"{rec['samples_per_s']:.1f} samples/s", flush=True)
+            bins_sum.zero_()
+            bins_n.zero_()
+            t0, seen = time.time(), 0
+        if step % args.save_every == 0 or step == args.steps:
+            save()
+        if args.sample_every and step % args.sample_every == 0 and master and not args.fsdp:
+            sample_grid()
+
+    if stop["signal"] is not None:
+        save()
+        if master:
+            print(f"signal {stop['signal']}: saved step {step} to {ckpt_path}; rerun with --resume to continue")
+    if master and bad.total():
+        print(f"skipped bad samples: {bad}")
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(parse_args())
