@@ -334,10 +334,10 @@ def load_flux_vae(path, device=None, dtype=None):
     is_diffusers = any(k.startswith("encoder.down_blocks.") for k in header)
     config_file = os.path.join(os.path.dirname(file), "config.json")
     if is_diffusers and os.path.isfile(config_file):
-        cfg = _config_from_diffusers(config_file)
+        cfg, source = _config_from_diffusers(config_file), f"the config in {config_file}"
     else:
         name = (lambda k: diffusers_key(k, len(levels))) if is_diffusers else (lambda k: k)
-        cfg = _config_from_shapes(shapes, name, len(levels), file)
+        cfg, source = _config_from_shapes(shapes, name, len(levels), file), "the widths inferred from its shapes"
 
     with torch.device("meta"):  # no memory and no random init for weights about to be replaced
         model = FluxVAE(cfg)
@@ -357,8 +357,7 @@ def load_flux_vae(path, device=None, dtype=None):
                 [("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped keys", misshaped),
                  ("non-float dtypes (want F32, F16 or BF16)", bad_dtype)] if keys]
     if problems:
-        config = f" with config {cfg}" if is_diffusers else f" with widths inferred from shapes: {cfg}"
-        raise ValueError(f"{file}: not a FLUX.1 autoencoder{config}: " + "; ".join(problems))
+        raise ValueError(f"{file}: does not match {source} ({cfg}): " + "; ".join(problems))
 
     dtype = dtype or torch.float32
     with safe_open(file, "pt") as f:
