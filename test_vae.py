@@ -4,7 +4,7 @@
 """
 import dataclasses
 import json
-import os
+import shutil
 
 import pytest
 import torch
@@ -50,12 +50,12 @@ def images(b=2, h=48, w=64, seed=0):
     return torch.rand(b, 3, h, w, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
-def assert_matches_reference(ours, ref, img):
+def assert_matches_reference(ours, ref, img, scale=SCALE, shift=SHIFT):
     """encode (mean) and decode of ours against diffusers plus the FLUX pipeline's scale and shift, within 1e-4."""
     with torch.no_grad():
-        z_ref = SCALE * (ref.encode(img).latent_dist.mean - SHIFT)
+        z_ref = scale * (ref.encode(img).latent_dist.mean - shift)
         z = ours.encode(img)
-        rec_ref = ref.decode(z_ref / SCALE + SHIFT).sample
+        rec_ref = ref.decode(z_ref / scale + shift).sample
         rec = ours.decode(z_ref)
     assert z.shape == (img.shape[0], 16, img.shape[2] // 8, img.shape[3] // 8)
     assert rec.shape == img.shape
@@ -92,15 +92,28 @@ def small_bfl(tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------- both formats vs diffusers
-@pytest.mark.parametrize("where", ["repo", "vae folder", "weights file"])
-def test_diffusers_format_matches_autoencoderkl(small_ref, small_repo, where):
-    path = {"repo": small_repo, "vae folder": small_repo / "vae",
-            "weights file": small_repo / "vae" / "diffusion_pytorch_model.safetensors"}[where]
+@pytest.mark.parametrize("where", ["repo", "vae folder", "weights file", "weights file without config.json"])
+def test_diffusers_format_matches_autoencoderkl(small_ref, small_repo, where, tmp_path):
+    weights = small_repo / "vae" / "diffusion_pytorch_model.safetensors"
+    if where == "weights file without config.json":
+        weights = shutil.copy(weights, tmp_path)  # widths then come from the shapes, scale and shift are FLUX's
+    path = {"repo": small_repo, "vae folder": small_repo / "vae"}.get(where, weights)
     ours = load_flux_vae(str(path))
-    assert ours.cfg == VAEConfig(ch=32, ch_mult=(1, 2, 2, 2))  # read from config.json
+    assert ours.cfg == VAEConfig(ch=32, ch_mult=(1, 2, 2, 2))
     assert not ours.training and not any(p.requires_grad for p in ours.parameters())
     assert all(p.dtype == torch.float32 for p in ours.parameters())
     assert_matches_reference(ours, small_ref, images())
+
+
+def test_diffusers_config_is_read(tmp_path):
+    """Values that differ from FLUX's defaults: a loader that ignored config.json would get other numbers."""
+    torch.manual_seed(3)
+    config = {**diffusers_config(SMALL), "norm_num_groups": 16, "scaling_factor": 0.5, "shift_factor": -0.2}
+    ref = randomize_norms(AutoencoderKL(**config).eval(), seed=3)
+    ref.save_pretrained(tmp_path)
+    ours = load_flux_vae(str(tmp_path))
+    assert (ours.cfg.norm_groups, ours.cfg.scale, ours.cfg.shift) == (16, 0.5, -0.2)
+    assert_matches_reference(ours, ref, images(), scale=0.5, shift=-0.2)
 
 
 def test_bfl_format_matches_autoencoderkl(small_bfl):
@@ -135,7 +148,8 @@ def test_key_map_matches_diffusers_converter(small_bfl):
     assert sorted(diffusers_key(k, 4) for k in bfl) == sorted(converted)
     for k, v in bfl.items():
         assert torch.equal(converted[diffusers_key(k, 4)].reshape(v.shape), v), k
-    assert diffusers_key("decoder.up.0.block.2.nin_shortcut.bias", 4) == "decoder.up_blocks.3.resnets.2.conv_shortcut.bias"
+    assert diffusers_key("decoder.up.0.block.2.nin_shortcut.bias", 4) == \
+        "decoder.up_blocks.3.resnets.2.conv_shortcut.bias"
 
 
 def test_low_precision_file_is_upcast(small_ref, tmp_path):

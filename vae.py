@@ -95,7 +95,8 @@ class AttnBlock(nn.Module):
     def forward(self, x):  # (B, C, H, W)
         B, C, H, W = x.shape
         h = self.norm(x)
-        q, k, v = (proj(h).reshape(B, 1, C, H * W).transpose(2, 3) for proj in (self.q, self.k, self.v))  # (B, 1, HW, C)
+        # one head of width C over the HW positions: (B, 1, HW, C) each
+        q, k, v = (proj(h).reshape(B, 1, C, H * W).transpose(2, 3) for proj in (self.q, self.k, self.v))
         h = F.scaled_dot_product_attention(q, k, v)  # (B, 1, HW, C), softmax scale 1/sqrt(C)
         h = h.transpose(2, 3).reshape(B, C, H, W)
         return x + self.proj_out(h)
@@ -211,7 +212,7 @@ class FluxVAE(nn.Module):
         if img.ndim != 4 or img.shape[1] != c or img.shape[2] % f or img.shape[3] % f:
             raise ValueError(f"encode: expected img (B, {c}, H, W) with H and W multiples of {f}, "
                              f"got shape {tuple(img.shape)}")
-        mu, logvar = self.encoder(img).chunk(2, dim=1)  # (B, z, h, w) each
+        mu, logvar = self.encoder(img).chunk(2, dim=1)  # (B, 16, H/8, W/8) each
         if sample:
             eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
             mu = mu + torch.exp(0.5 * logvar) * eps
@@ -229,10 +230,10 @@ class FluxVAE(nn.Module):
 # Looked for, in this order, when load_flux_vae is given a folder: BFL's file (fp32, at the top of the FLUX.1 repos),
 # then a diffusers AutoencoderKL folder, then the `vae/` folder of a diffusers pipeline repo.
 WEIGHT_FILES = ("ae.safetensors", "diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors")
-DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+FLOAT_DTYPES = ("F32", "F16", "BF16")  # safetensors dtype names a checkpoint may use; all are cast to `dtype`
 
-# BFL name piece -> diffusers AutoencoderKL name piece (checkpoint-formats.md, table B4), applied in this order.
-# Level indices are handled in diffusers_key.
+# BFL name piece -> diffusers AutoencoderKL name piece, applied in this order (the renames of diffusers'
+# convert_ldm_vae_checkpoint, which test_vae.py checks key for key). Level indices are handled in diffusers_key.
 DIFFUSERS_NAMES = [
     ("norm_out.", "conv_norm_out."),
     ("nin_shortcut.", "conv_shortcut."),
@@ -352,7 +353,7 @@ def load_flux_vae(path, device=None, dtype=None):
     unexpected = [k for k in header if k not in to_bfl]
     misshaped = [f"{k} {list(shapes[k])} (expected {list(expected[to_bfl[k]])})"
                  for k in to_bfl if k in header and file_shape(k) != expected[to_bfl[k]]]
-    bad_dtype = [f"{k} {dt}" for k, (dt, _) in header.items() if dt not in DTYPES]
+    bad_dtype = [f"{k} {dt}" for k, (dt, _) in header.items() if dt not in FLOAT_DTYPES]
     problems = [f"{what} ({len(keys)}): {_listed(keys)}" for what, keys in
                 [("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped keys", misshaped),
                  ("non-float dtypes (want F32, F16 or BF16)", bad_dtype)] if keys]
