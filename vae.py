@@ -388,7 +388,7 @@ if __name__ == "__main__":
         cfg = write_tiny_flux_vae(os.path.join(tmp, "ae.safetensors"))
         vae = load_flux_vae(tmp)
     print(f"loaded {cfg}: {sum(p.numel() for p in vae.parameters()):,} params")
-    img = torch.rand(2, 3, 64, 96) * 2 - 1  # (B, 3, H, W) in [-1, 1]
+    img = torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(0)) * 2 - 1  # (B, 3, H, W) in [-1, 1]
     with torch.no_grad():
         z = vae.encode(img)  # (B, 16, 8, 12)
         tokens = patchify(z)  # (B, 24, 64)
