@@ -1,0 +1,429 @@
+"""DiT for flow matching in the latent space of a frozen encoder: a LightningDiT with per-token conditions, the
+dimension-shifted flow-matching loss, and an Euler / Heun sampler with classifier-free guidance.
+
+Papers: RAE, "Diffusion Transformers with Representation Autoencoders" (arXiv 2510.11690): a LightningDiT, optionally
+with a wide "DDT" head (DiT-DH), trained on frozen-encoder tokens. Scale-RAE (arXiv 2601.16208): the same DiT scaled to
+text-to-image, with one condition vector per latent token fed through adaLN (no cross-attention).
+Tensors: latents z and noisy latents x are (B, N, C) tokens in raster order of a sqrt(N) x sqrt(N) grid (patch size 1).
+Time t in [0, 1] with t = 0 data and t = 1 noise: x_t = (1 - t) z + t eps; the model predicts v = eps - z.
+Condition: cfg.cond == "text": the text tower's token states (B, T, text_dim) float; "class": class ids (B,) long.
+`drop` (B,) bool swaps a sample's condition for the learned null condition (condition dropout, the CFG branch).
+
+    python dit.py                        # parameter count and training FLOPs of every preset, then a smoke test
+    python -m pytest -q test_dit.py      # the tests (CPU, about a minute)
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+
+@dataclass
+class DiTConfig:
+    in_channels: int = 1152  # C: latent channels (SigLIP-2 So400M width)
+    num_tokens: int = 256  # N: latent tokens, a sqrt(N) x sqrt(N) grid
+    hidden_size: int = 1152  # D: trunk width
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0  # SwiGLU hidden = int(2/3 * mlp_ratio * D): the parameters of a GELU MLP of this ratio
+    qk_norm: bool = False  # RMSNorm on q and k per head (off in both papers' released configs)
+    cond: str = "text"  # "text": per-token condition from the connector; "class": one embedding per sample
+    text_dim: int = 1152  # width of the text tower's token states
+    text_len: int = 64  # T: text tokens per prompt (the model takes any T; this only enters the FLOP count)
+    connector_depth: int = 2  # blocks over [text tokens ; N queries]; must be >= 1 in text mode
+    num_classes: int = 1000
+    ddt_depth: int = 0  # wide DDT head (RAE's DiT-DH) after the trunk: number of blocks, 0 = no head
+    ddt_width: int = 2048
+    ddt_heads: int = 16
+
+
+# Parameter counts (python dit.py) with the defaults above, i.e. the 1152-channel SigLIP-2 latent. With RAE's
+# 768-channel DINOv2-B latent the DiT-* presets count 33.6M / 131.7M / 459.7M / 677.0M and DiTDH-XL 838.4M, as in the
+# RAE code. RAE notes the DiT width should be at least the latent width: DiT-S / DiT-B are narrower than 1152.
+PRESETS = {
+    # LightningDiT sizes, class-conditional as in RAE (ImageNet)
+    "DiT-S": dict(hidden_size=384, depth=12, num_heads=6, cond="class"),  # 33.8M
+    "DiT-B": dict(hidden_size=768, depth=12, num_heads=12, cond="class"),  # 132.3M
+    "DiT-L": dict(hidden_size=1024, depth=24, num_heads=16, cond="class"),  # 460.4M
+    "DiT-XL": dict(hidden_size=1152, depth=28, num_heads=16, cond="class"),  # 677.8M
+    # RAE's DiT^DH-XL: the DiT-XL trunk + 2 blocks of width 2048
+    "DiTDH-XL": dict(hidden_size=1152, depth=28, num_heads=16, cond="class", ddt_depth=2, ddt_width=2048, ddt_heads=16),  # 840.4M
+    # Scale-RAE text-to-image DiTs. 2.4B: the released model (2.435B without our text connector, 2.543B with it).
+    "T2I-2.4B": dict(hidden_size=2048, depth=32, num_heads=32, cond="text"),  # 2.543B
+    # "9.8B": D 3072 / 48 layers / 48 heads as listed in the repo's training docs, but that counts 8.19B, not 9.8B
+    # (about 58 layers would give 9.8B); the true config is unpublished, we keep the listed one.
+    "T2I-9.8B": dict(hidden_size=3072, depth=48, num_heads=48, cond="text"),  # 8.43B
+    # CPU demos: in_channels / num_tokens / text_dim / text_len must match the (toy) encoder; override them from it.
+    "toy": dict(in_channels=64, num_tokens=64, hidden_size=256, depth=6, num_heads=4, cond="text", text_dim=64,
+                text_len=16, connector_depth=2),  # 9.1M
+}
+
+
+# ----------------------------------------------------------------------------- small stateless functions
+def mlp_hidden(dim, mlp_ratio):
+    """SwiGLU hidden width: 2/3 of the GELU MLP's, so both have the same parameters (5461 for D = 2048)."""
+    return int(2 / 3 * int(mlp_ratio * dim))
+
+
+def modulate(x, shift, scale):
+    """adaLN: shift and scale broadcast from (B, 1, D) or per token (B, N, D)."""
+    return x * (1 + scale) + shift
+
+
+def sincos_2d(grid, dim):
+    """Fixed 2-D sin-cos position table (grid*grid, dim): half the channels encode the row, half the column."""
+    omega = 10000.0 ** (-torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (dim/4,)
+    pos = torch.arange(grid * grid)
+    angles = [(pos // grid)[:, None] * omega, (pos % grid)[:, None] * omega]  # row, column: 2 x (N, dim/4)
+    return torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1).float()  # (N, dim)
+
+
+def rope_2d(grid, head_dim, theta=10000.0):
+    """Axial 2-D RoPE table (2, N, head_dim) = (cos, sin). Channel pairs (i, i + head_dim/2) rotate together; the first
+    head_dim/4 pairs by the token's row, the rest by its column, each with frequencies theta^(-k / (head_dim/4))."""
+    freqs = theta ** (-torch.arange(head_dim // 4, dtype=torch.float64) / (head_dim // 4))  # (hd/4,)
+    pos = torch.arange(grid * grid)
+    angles = torch.cat([(pos // grid)[:, None] * freqs, (pos % grid)[:, None] * freqs], dim=1)  # (N, hd/2)
+    angles = torch.cat([angles, angles], dim=1)  # (N, hd): the same angle for both members of a pair
+    return torch.stack([angles.cos(), angles.sin()]).float()  # (2, N, hd)
+
+
+def apply_rope(x, rope):
+    """Rotate q or k (B, H, N, hd) by the table (2, N, hd); as a rotation it preserves norms, and q.k then depends
+    only on the offset between the two tokens' grid positions."""
+    cos, sin = rope.to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin  # (B, H, N, hd)
+
+
+def fourier_freqs(n=256):
+    """Frequencies of the Gaussian Fourier time embedding. The papers draw n ~ N(0, 1) once with a fixed seed; we take
+    the quantiles of |N(0, 1)| instead: the same spectrum, no random state (and sin(-w t) would only repeat sin(w t))."""
+    return torch.special.ndtri(0.5 + 0.5 * (torch.arange(n, dtype=torch.float64) + 0.5) / n).float()  # (n,)
+
+
+# ----------------------------------------------------------------------------- blocks
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # statistics in fp32 even under bf16 autocast (as the official code)
+        return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads, qk_norm=False):
+        super().__init__()
+        assert dim % num_heads == 0 and (dim // num_heads) % 4 == 0, "2-D RoPE needs head_dim divisible by 4"
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)  # fused q, k, v: one large matmul instead of three
+        self.q_norm = RMSNorm(dim // num_heads) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(dim // num_heads) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, rope=None):
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, N, hd)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, hd)
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.w12 = nn.Linear(dim, 2 * hidden)  # gate and value in one matmul
+        self.w3 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        x1, x2 = self.w12(x).chunk(2, dim=-1)  # 2 x (B, N, hidden)
+        return self.w3(F.silu(x1) * x2)
+
+
+class DiTBlock(nn.Module):
+    """LightningDiT block with adaLN-Zero: x += g1 * Attn(modulate(norm(x))); x += g2 * MLP(modulate(norm(x))), where
+    (shift, scale, gate) x 2 come from the condition c: (B, 1, D) shared by all tokens or (B, N, D) one per token."""
+
+    def __init__(self, dim, num_heads, mlp_ratio, qk_norm):
+        super().__init__()
+        self.norm1 = RMSNorm(dim)
+        self.attn = Attention(dim, num_heads, qk_norm)
+        self.norm2 = RMSNorm(dim)
+        self.mlp = SwiGLU(dim, mlp_hidden(dim, mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x, c, rope):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)  # 6 x (B, 1|N, D)
+        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), rope)
+        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class TransformerBlock(nn.Module):
+    """Plain pre-norm block for the text connector: the condition does not depend on t, so no adaLN. No RoPE either:
+    the text tower already encodes word order, and each learnable query is its own position."""
+
+    def __init__(self, dim, num_heads, mlp_ratio, qk_norm):
+        super().__init__()
+        self.norm1 = RMSNorm(dim)
+        self.attn = Attention(dim, num_heads, qk_norm)
+        self.norm2 = RMSNorm(dim)
+        self.mlp = SwiGLU(dim, mlp_hidden(dim, mlp_ratio))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class FinalLayer(nn.Module):
+    """RMSNorm, adaLN shift and scale (no gate), Linear back to the latent channels."""
+
+    def __init__(self, dim, out_channels):
+        super().__init__()
+        self.norm = RMSNorm(dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.linear = nn.Linear(dim, out_channels)
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)  # 2 x (B, 1|N, D)
+        return self.linear(modulate(self.norm(x), shift, scale))  # (B, N, C)
+
+
+class TimestepEmbedder(nn.Module):
+    """Gaussian Fourier features of the raw t in [0, 1] (no x1000), then an MLP (both papers)."""
+
+    def __init__(self, dim, num_freqs=256):
+        super().__init__()
+        self.register_buffer("freqs", torch.empty(num_freqs))  # filled by DiT.init_weights
+        self.mlp = nn.Sequential(nn.Linear(2 * num_freqs, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t):
+        angles = 2 * math.pi * t.float()[:, None] * self.freqs  # (B, F)
+        return self.mlp(torch.cat([angles.sin(), angles.cos()], dim=1))  # (B, D)
+
+
+class DiT(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        D, C, N = cfg.hidden_size, cfg.in_channels, cfg.num_tokens
+        self.grid = math.isqrt(N)
+        assert self.grid**2 == N, "num_tokens must be a square grid"
+        # patch size 1: each latent token is one DiT token, so the "patch embedding" (a 1x1 conv) is a Linear
+        self.x_embedder = nn.Linear(C, D)
+        self.t_embedder = TimestepEmbedder(D)
+        if cfg.cond == "text":
+            # The connector (our stand-in for Scale-RAE's LLM + 256 queries, DESIGN.md): N learnable queries attend
+            # jointly with the projected text tokens; query k's output becomes the condition of latent token k.
+            assert cfg.connector_depth >= 1, "without a block the queries never see the text"
+            self.text_proj = nn.Linear(cfg.text_dim, D)
+            self.queries = nn.Parameter(torch.empty(N, D))
+            self.connector = nn.ModuleList(
+                TransformerBlock(D, cfg.num_heads, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.connector_depth))
+            # Scale-RAE reads the LLM's final-normed states through a Linear (its diff_head_projector)
+            self.text_norm = RMSNorm(D)
+            self.text_out = nn.Linear(D, D)
+        elif cfg.cond == "class":
+            self.class_embedder = nn.Embedding(cfg.num_classes, D)
+        else:
+            raise ValueError(f"cond must be 'text' or 'class', got {cfg.cond!r}")
+        # One learned vector replaces a dropped condition, broadcast over tokens (Scale-RAE's dropout_embedding)
+        self.null_cond = nn.Parameter(torch.empty(D))
+        self.blocks = nn.ModuleList(DiTBlock(D, cfg.num_heads, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.depth))
+        self.register_buffer("pos_embed", torch.empty(N, D))
+        self.register_buffer("rope", torch.empty(2, N, D // cfg.num_heads))
+        out_dim = D
+        if cfg.ddt_depth:
+            # RAE's DiT-DH: the trunk output, re-mixed with t, becomes the per-token condition s of a few wide blocks
+            # that see x_t again through their own embedding.
+            W = out_dim = cfg.ddt_width
+            self.s_proj = nn.Linear(D, W)
+            self.head_embedder = nn.Linear(C, W)
+            self.register_buffer("head_rope", torch.empty(2, N, W // cfg.ddt_heads))
+        self.head_blocks = nn.ModuleList(
+            DiTBlock(out_dim, cfg.ddt_heads, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.ddt_depth))
+        self.final_layer = FinalLayer(out_dim, C)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Every init decision in one place. Also fills the fixed tables (persistent buffers, so a checkpoint is
+        self-contained and a model built on the meta device only needs load_state_dict(..., assign=True))."""
+        cfg, D = self.cfg, self.cfg.hidden_size
+        for m in self.modules():  # LightningDiT: xavier-uniform Linears, zero biases
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        if cfg.cond == "class":
+            nn.init.normal_(self.class_embedder.weight, std=0.02)
+        else:
+            nn.init.normal_(self.queries, std=D**-0.5)  # Scale-RAE: randn(N, H) / sqrt(H)
+        nn.init.zeros_(self.null_cond)  # Scale-RAE: zero-init null condition
+        # adaLN-Zero: zero gates make every block the identity, and the zero final layer makes the model output 0
+        for block in [*self.blocks, *self.head_blocks]:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for lin in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+        self.t_embedder.freqs.copy_(fourier_freqs(self.t_embedder.freqs.numel()))
+        self.pos_embed.copy_(sincos_2d(self.grid, D))
+        self.rope.copy_(rope_2d(self.grid, D // cfg.num_heads))
+        if cfg.ddt_depth:
+            self.head_rope.copy_(rope_2d(self.grid, cfg.ddt_width // cfg.ddt_heads))
+
+    def embed_condition(self, cond, drop=None):
+        """cond -> y: (B, 1, D) for a class, (B, N, D) for text; dropped samples get the null condition."""
+        if self.cfg.cond == "class":
+            y = self.class_embedder(cond)[:, None]  # (B, 1, D)
+        else:
+            queries = self.queries.expand(cond.shape[0], -1, -1)  # (B, N, D)
+            h = torch.cat([self.text_proj(cond), queries], dim=1)  # (B, T + N, D)
+            for block in self.connector:
+                h = block(h)
+            y = self.text_out(self.text_norm(h[:, -self.cfg.num_tokens:]))  # (B, N, D): the query states
+        if drop is not None:
+            # after the connector, as Scale-RAE drops after its LLM: the null is one vector for every token
+            y = torch.where(drop[:, None, None], self.null_cond, y)
+        return y
+
+    def forward(self, x, t, cond, drop=None):
+        """x (B, N, C) noisy latents, t (B,) in [0, 1], cond: text states (B, T, text_dim) or class ids (B,),
+        drop (B,) bool or None -> velocity v (B, N, C)."""
+        t_emb = self.t_embedder(t)[:, None]  # (B, 1, D)
+        c = t_emb + self.embed_condition(cond, drop)  # (B, 1|N, D): c_k = t_emb + y_k
+        h = self.x_embedder(x) + self.pos_embed  # (B, N, D)
+        for block in self.blocks:
+            h = block(h, c, self.rope)
+        if self.cfg.ddt_depth:
+            c = self.s_proj(F.silu(t_emb + h))  # (B, N, W): per-token condition of the head
+            h = self.head_embedder(x)  # (B, N, W): no absolute positions in the head (as RAE); RoPE only
+            for block in self.head_blocks:
+                h = block(h, c, self.head_rope)
+        return self.final_layer(h, c)  # (B, N, C)
+
+
+def flops(cfg, training=True):
+    """Analytic FLOPs per sample: every matmul (2 * tokens * fan_in * fan_out) plus attention (QK^T and AV:
+    4 * tokens^2 * width per layer); norms and other elementwise ops are not counted. Training = 3 x forward."""
+    D, N, C, T = cfg.hidden_size, cfg.num_tokens, cfg.in_channels, cfg.text_len
+    n_cond = N if cfg.cond == "text" else 1  # tokens that carry their own condition (and adaLN matmul)
+
+    def block(n, d, n_mod):  # one block over n tokens of width d, with adaLN on n_mod condition vectors
+        return 2 * n * (4 * d * d + 3 * d * mlp_hidden(d, cfg.mlp_ratio)) + 4 * n * n * d + 2 * n_mod * 6 * d * d
+
+    f = 2 * N * C * D + 2 * (512 * D + D * D)  # x_embedder, t_embedder (256 Fourier frequencies -> 512 features)
+    if cfg.cond == "text":
+        f += 2 * T * cfg.text_dim * D + cfg.connector_depth * block(T + N, D, 0) + 2 * N * D * D
+    f += cfg.depth * block(N, D, n_cond)
+    d_out = D
+    if cfg.ddt_depth:
+        d_out, n_cond = cfg.ddt_width, N
+        f += 2 * N * D * d_out + 2 * N * C * d_out + cfg.ddt_depth * block(N, d_out, N)
+    f += 2 * n_cond * 2 * d_out * d_out + 2 * N * d_out * C  # final adaLN and linear
+    return 3 * f if training else f
+
+
+# ----------------------------------------------------------------------------- flow matching: time shift, loss
+def shift_alpha(num_tokens, channels, base=4096):
+    """Dimension-dependent shift a = sqrt(N * C / base): sqrt(72) ~ 8.49 for 256 x 1152, 2 for 256 x 64 (FLUX VAE).
+    More dimensions keep more signal at a given noise level, so training and sampling spend more time near t = 1."""
+    return math.sqrt(num_tokens * channels / base)
+
+
+def time_shift(t, a):
+    """t' = a t / (1 + (a - 1) t), written as a t / (a t + 1 - t) so that 0 and 1 map exactly to themselves."""
+    return a * t / (a * t + 1 - t)
+
+
+def sample_t(B, alpha, generator=None, device=None):
+    """Training times: logit-normal t = sigmoid(N(0, 1)), then shifted (median a / (a + 1): 0.895 for a = sqrt(72))."""
+    return time_shift(torch.sigmoid(torch.randn(B, generator=generator, device=device)), alpha)
+
+
+def flow_loss(model, z, cond, alpha, p_drop=0.1, generator=None):
+    """Rectified-flow loss on clean latents z (B, N, C): x_t = (1 - t) z + t eps, target v = eps - z, plain MSE
+    (no weighting, as both papers). Returns (loss, per-sample loss (B,), t (B,)); the last two for loss_per_t_bin."""
+    B = z.shape[0]
+    t = sample_t(B, alpha, generator, z.device)
+    eps = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+    drop = torch.rand(B, generator=generator, device=z.device) < p_drop  # condition dropout, for CFG
+    tt = t.to(z.dtype)[:, None, None]
+    v = model((1 - tt) * z + tt * eps, t, cond, drop)  # (B, N, C)
+    per_sample = (v.float() - (eps - z).float()).square().mean(dim=(1, 2))  # (B,)
+    return per_sample.mean(), per_sample, t
+
+
+def loss_per_t_bin(per_sample_loss, t, bins=10):
+    """Loss summed per t-bin, and counts: (bins,), (bins,). Sums rather than means so a loop can accumulate them over
+    steps (and all-reduce over ranks) before dividing; the loss at high t is the hard part a shift should balance."""
+    idx = (t.detach() * bins).long().clamp(0, bins - 1)  # (B,)
+    sums = torch.zeros(bins, device=t.device).index_add_(0, idx, per_sample_loss.detach().float())
+    return sums, torch.bincount(idx, minlength=bins)
+
+
+# ----------------------------------------------------------------------------- sampler
+@torch.no_grad()
+def sample(model, noise, cond, alpha, steps=50, method="euler", cfg=1.0, cfg_interval=(0.0, 1.0), progress=False):
+    """Integrate dx/dt = v(x, t) from t = 1 (noise (B, N, C)) to t = 0 on the shifted grid
+    time_shift(linspace(1, 0, steps + 1), alpha), with Euler (steps NFEs) or Heun (2 * steps NFEs).
+    CFG: v = v_u + cfg * (v_c - v_u) where t is in cfg_interval (conditional only elsewhere), cond and uncond batched
+    in one forward. Only model(x, t, cond, drop) is called, so any wrapper (DDP, FSDP, compile) works; the price is
+    that the text connector reruns at every step (a few blocks next to the trunk's depth)."""
+    if method not in ("euler", "heun"):
+        raise ValueError(f"method must be 'euler' or 'heun', got {method!r}")
+    # the grid ends exactly at t = 0 (the official samplers stop at t ~ 0.007 or step back up to t = 1)
+    ts = time_shift(torch.linspace(1, 0, steps + 1, dtype=torch.float64), alpha).tolist()
+    B = noise.shape[0]
+    keep = torch.zeros(B, dtype=torch.bool, device=noise.device)
+    if cfg != 1.0:
+        cond2, drop2 = torch.cat([cond, cond]), torch.cat([keep, ~keep])  # [conditional ; null]
+
+    def velocity(x, t):
+        tb = torch.full((B,), t, device=x.device, dtype=x.dtype)
+        if cfg == 1.0 or not cfg_interval[0] <= t <= cfg_interval[1]:
+            return model(x, tb, cond, keep)
+        v_c, v_u = model(torch.cat([x, x]), torch.cat([tb, tb]), cond2, drop2).chunk(2)  # 2 x (B, N, C)
+        return v_u + cfg * (v_c - v_u)
+
+    x = noise
+    for i in tqdm(range(steps), disable=not progress, desc="sampling"):
+        t, t_next = ts[i], ts[i + 1]
+        v = velocity(x, t)
+        if method == "euler":
+            x = x + (t_next - t) * v
+        else:  # Heun: average the slopes at both ends of the step (trapezoid rule, second order)
+            x_next = x + (t_next - t) * v
+            x = x + (t_next - t) * 0.5 * (v + velocity(x_next, t_next))
+    return x
+
+
+# ----------------------------------------------------------------------------- smoke test
+if __name__ == "__main__":
+    print(f"{'preset':10s} {'params':>10s} {'connector':>10s} {'train GFLOPs/sample':>20s}")
+    for name, preset in PRESETS.items():
+        cfg = DiTConfig(**preset)
+        with torch.device("meta"):  # shapes only, no memory
+            model = DiT(cfg)
+        n = sum(p.numel() for p in model.parameters())
+        n_conn = sum(p.numel() for k, p in model.named_parameters() if k.startswith(("text_", "queries", "connector")))
+        print(f"{name:10s} {n / 1e6:9.1f}M {n_conn / 1e6:9.1f}M {flops(cfg) / 1e9:20.1f}")
+    torch.manual_seed(0)
+    cfg = DiTConfig(**PRESETS["toy"])
+    model = DiT(cfg)
+    z = torch.randn(2, cfg.num_tokens, cfg.in_channels)
+    text = torch.randn(2, cfg.text_len, cfg.text_dim)
+    loss, _, _ = flow_loss(model, z, text, shift_alpha(cfg.num_tokens, cfg.in_channels))
+    loss.backward()
+    out = sample(model, torch.randn_like(z), text, alpha=2.0, steps=4, method="heun", cfg=2.0)
+    print(f"toy: loss {loss.item():.3f} (about 2 at init: the model outputs 0 and E|eps - z|^2 = 2), "
+          f"sample {tuple(out.shape)}")

@@ -1,0 +1,303 @@
+"""Tests for dit.py: exact math (adaLN-Zero identity, time shift, ODE integration, CFG algebra, FLOP count against
+torch's counter, parameter counts of the RAE / Scale-RAE code) and one learning test on a known distribution.
+
+    python -m pytest -q test_dit.py
+"""
+import json
+import math
+from dataclasses import asdict
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from dit import (PRESETS, DiT, DiTConfig, flops, flow_loss, loss_per_t_bin, rope_2d, apply_rope, sample, sample_t,
+                 shift_alpha, time_shift)
+
+TINY = dict(in_channels=8, num_tokens=16, hidden_size=32, depth=2, num_heads=2, text_dim=12, text_len=5,
+            connector_depth=1, num_classes=5)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # these models are tiny: one thread is faster than two, and far faster on a CPU shared with other jobs
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(cond="text", **kw):
+    torch.manual_seed(0)
+    return DiT(DiTConfig(**{**TINY, "cond": cond, **kw}))
+
+
+def randomize(model):
+    """Perturb every parameter, zero-initialised ones included, so outputs depend on everything."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def inputs(model, B=4):
+    cfg = model.cfg
+    x = torch.randn(B, cfg.num_tokens, cfg.in_channels)
+    t = torch.rand(B)
+    cond = torch.randn(B, cfg.text_len, cfg.text_dim) if cfg.cond == "text" else torch.randint(cfg.num_classes, (B,))
+    return x, t, cond
+
+
+# ----------------------------------------------------------------------------- config and presets
+def test_config_round_trips_through_a_plain_dict():
+    for preset in PRESETS.values():
+        cfg = DiTConfig(**preset)
+        d = json.loads(json.dumps(asdict(cfg)))  # plain data only, as stored in checkpoints
+        assert DiTConfig(**d) == cfg
+
+
+def test_meta_presets_match_the_reference_parameter_counts():
+    # Counts computed from the official code (reference/rae-official-recipe.md 4.1-4.2, scale-rae-recipe.md 4.2)
+    # for RAE's 768-channel latent, and Scale-RAE's 2.4B DiT without our text connector.
+    rae = {"DiT-S": 33.6e6, "DiT-B": 131.7e6, "DiT-L": 459.7e6, "DiT-XL": 677.0e6, "DiTDH-XL": 838.4e6}
+    for name, expected in rae.items():
+        with torch.device("meta"):
+            model = DiT(DiTConfig(**{**PRESETS[name], "in_channels": 768}))
+        n = sum(p.numel() for p in model.parameters())
+        assert abs(n - expected) < 0.05e6, (name, n)
+    with torch.device("meta"):
+        model = DiT(DiTConfig(**PRESETS["T2I-2.4B"]))
+    assert model.pos_embed.is_meta
+    trunk = sum(p.numel() for k, p in model.named_parameters() if not k.startswith(("text_", "queries", "connector")))
+    assert abs(trunk - 2.435e9) < 0.5e6
+    assert abs(sum(p.numel() for p in model.blocks[0].parameters()) - 75.5e6) < 0.05e6
+
+
+# ----------------------------------------------------------------------------- model
+@pytest.mark.parametrize("kw", [dict(cond="text"), dict(cond="class", qk_norm=True),
+                                dict(cond="class", ddt_depth=2, ddt_width=48, ddt_heads=3)])
+def test_adaln_zero_init_makes_blocks_identity_and_output_zero(kw):
+    model = tiny(**kw)
+    seen = []
+    for block in [*model.blocks, *model.head_blocks]:
+        block.register_forward_hook(lambda mod, args, out: seen.append(torch.equal(out, args[0])))
+    v = model(*inputs(model))
+    assert seen == [True] * (kw.get("ddt_depth", 0) + TINY["depth"])
+    assert torch.equal(v, torch.zeros_like(v))
+
+
+@pytest.mark.parametrize("cond", ["text", "class"])
+def test_forward_shapes(cond):
+    model = randomize(tiny(cond))
+    x, t, c = inputs(model, B=3)
+    assert model.embed_condition(c).shape == (3, TINY["num_tokens"] if cond == "text" else 1, TINY["hidden_size"])
+    assert model(x, t, c).shape == x.shape
+    # the text connector takes any number of text tokens
+    if cond == "text":
+        assert model(x, t, torch.randn(3, 7, TINY["text_dim"])).shape == x.shape
+
+
+@pytest.mark.parametrize("cond", ["text", "class"])
+def test_null_drop_changes_exactly_the_dropped_samples(cond):
+    model = randomize(tiny(cond))
+    x, t, c = inputs(model)
+    drop = torch.tensor([False, True, False, True])
+    v, v_drop = model(x, t, c), model(x, t, c, drop)
+    assert torch.allclose(v[~drop], v_drop[~drop], atol=1e-6, rtol=0)
+    assert ((v[drop] - v_drop[drop]).abs().amax(dim=(1, 2)) > 1e-3).all()
+    # a dropped sample ignores its condition
+    c_other = inputs(model)[2]
+    assert torch.allclose(v_drop[drop], model(x, t, c_other, drop)[drop], atol=1e-6, rtol=0)
+    assert torch.equal(model(x, t, c, torch.zeros(4, dtype=torch.bool)), v)
+
+
+def test_rope_2d_depends_only_on_grid_offsets():
+    torch.manual_seed(0)
+    grid, hd = 6, 16
+    rope = rope_2d(grid, hd)
+    q, k = torch.randn(2, hd)
+
+    def score(pq, pk):  # q at grid position pq, k at pk: (row, col)
+        tq = apply_rope(q.expand(1, 1, grid * grid, hd), rope)[0, 0, pq[0] * grid + pq[1]]
+        tk = apply_rope(k.expand(1, 1, grid * grid, hd), rope)[0, 0, pk[0] * grid + pk[1]]
+        return tq @ tk
+
+    assert torch.allclose(score((0, 1), (2, 4)), score((3, 2), (5, 5)), atol=1e-5)  # same offset (2, 3)
+    assert torch.allclose(score((4, 0), (1, 1)), score((5, 4), (2, 5)), atol=1e-5)  # same offset (-3, 1)
+    assert not torch.allclose(score((0, 1), (2, 4)), score((0, 1), (4, 2)), atol=1e-3)  # offset (2, 3) vs (4, 1)
+    assert torch.allclose(apply_rope(q.expand(1, 1, 36, hd), rope).norm(dim=-1), q.norm().expand(1, 1, 36))
+
+
+@pytest.mark.parametrize("kw", [dict(cond="text"), dict(cond="class"),
+                                dict(cond="text", ddt_depth=1, ddt_width=48, ddt_heads=3)])
+def test_analytic_flops_equal_torch_flop_counter(kw):
+    model = tiny(**kw)
+    # the math backend runs attention as two bmm's, which the counter sees (the CPU flash kernel it does not count)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(*inputs(model, B=3))
+    assert counter.get_total_flops() == 3 * flops(model.cfg, training=False)
+    assert flops(model.cfg) == 3 * flops(model.cfg, training=False)
+
+
+# ----------------------------------------------------------------------------- time shift and loss
+def test_time_shift_formula_and_endpoints():
+    t = torch.linspace(0, 1, 101, dtype=torch.float64)
+    for a in (0.5, 1.0, 2.0, math.sqrt(72), 13.856):
+        assert torch.allclose(time_shift(t, a), a * t / (1 + (a - 1) * t), atol=1e-15)
+        assert time_shift(0.0, a) == 0.0 and time_shift(1.0, a) == 1.0
+        assert time_shift(torch.tensor(1.0), a).item() == 1.0  # exact also in fp32
+        assert torch.allclose(time_shift(time_shift(t, a), 1 / a), t)  # shifting multiplies the odds t / (1 - t) by a
+    assert torch.allclose(time_shift(t, 1.0), t, atol=1e-15, rtol=0)
+    assert abs(time_shift(0.5, math.sqrt(72)) - 0.8946) < 1e-4  # the median training t quoted for Scale-RAE
+
+
+def test_shift_alpha():
+    assert shift_alpha(256, 1152) == math.sqrt(72)
+    assert shift_alpha(256, 64) == 2.0
+    assert shift_alpha(256, 768) == math.sqrt(48)  # RAE's DINOv2-B at 256 px
+
+
+def test_sample_t_is_shifted_logit_normal():
+    a = math.sqrt(72)
+    t = sample_t(200_000, a, generator=torch.Generator().manual_seed(0))
+    u = torch.logit(time_shift(t.double(), 1 / a))  # undo the shift and the sigmoid: should be N(0, 1)
+    assert abs(u.mean()) < 0.01 and abs(u.std() - 1) < 0.01
+    assert abs(t.median() - a / (a + 1)) < 0.003
+
+
+def test_flow_loss_target_and_dropout():
+    z0 = 0.7
+    z = torch.full((4000, 4, 8), z0)
+    # x_t = (1 - t) z + t eps and v = eps - z give v = (x_t - z) / t: a model that knows z has zero loss
+    seen = {}
+
+    def oracle(x, t, cond, drop):
+        seen["drop"] = drop
+        return (x - z0) / t[:, None, None]
+
+    loss, per_sample, t = flow_loss(oracle, z, None, alpha=3.0, p_drop=0.25, generator=torch.Generator().manual_seed(0))
+    assert loss < 1e-8 and per_sample.shape == t.shape == (4000,)
+    assert abs(seen["drop"].float().mean() - 0.25) < 0.02
+    # a model predicting 0 pays E (eps - z)^2 = 1 + z0^2
+    zero = lambda x, t, cond, drop: torch.zeros_like(x)
+    loss, _, _ = flow_loss(zero, z, None, alpha=3.0, generator=torch.Generator().manual_seed(0))
+    assert abs(loss - (1 + z0**2)) < 0.01
+
+
+def test_loss_per_t_bin():
+    loss = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    t = torch.tensor([0.05, 0.5, 0.55, 0.999, 1.0])
+    sums, counts = loss_per_t_bin(loss, t, bins=4)
+    assert torch.equal(sums, torch.tensor([1.0, 0.0, 5.0, 9.0]))
+    assert torch.equal(counts, torch.tensor([1, 0, 2, 2]))
+
+
+# ----------------------------------------------------------------------------- sampler
+class Recorder:
+    """A velocity field v(x, t) that records every call's times and batch size."""
+
+    def __init__(self, field):
+        self.field, self.calls = field, []
+
+    def __call__(self, x, t, cond, drop):
+        self.calls.append((x.shape[0], t[0].item()))
+        return self.field(x, t[:, None, None])
+
+
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_sampler_integrates_a_constant_velocity_exactly(method):
+    c = torch.randn(1, 4, 3, dtype=torch.float64)
+    model = Recorder(lambda x, t: c.expand_as(x))
+    noise = torch.randn(2, 4, 3, dtype=torch.float64)
+    z = sample(model, noise, None, alpha=5.0, steps=7, method=method)
+    assert torch.allclose(z, noise - c, atol=1e-12)  # x(0) = x(1) - c
+    assert len(model.calls) == (7 if method == "euler" else 14)
+    assert model.calls[0][1] == 1.0  # starts exactly at t = 1 ...
+    if method == "heun":
+        assert model.calls[-1][1] == 0.0  # ... and its last evaluation is exactly at t = 0
+
+
+def test_sampler_linear_fields_against_the_analytic_solution():
+    noise = torch.randn(3, 4, 2, dtype=torch.float64)
+    # v = 2 t + 1 (linear in t): Heun is the trapezoid rule, exact for it; x(0) = x(1) - (1 + 1)
+    z = sample(Recorder(lambda x, t: (2 * t + 1).expand_as(x)), noise, None, alpha=3.0, steps=5, method="heun")
+    assert torch.allclose(z, noise - 2, atol=1e-12)
+    # v = k x: x(0) = x(1) exp(-k); Heun's error falls 4x when the steps double (order 2), Euler's 2x (order 1)
+    k = 1.5
+    exact = noise * math.exp(-k)
+    err = {(m, n): (sample(Recorder(lambda x, t: k * x), noise, None, 2.0, n, m) - exact).abs().max().item()
+           for m in ("euler", "heun") for n in (25, 50)}
+    assert err[("heun", 50)] < 1e-3 * exact.abs().max()
+    assert 3.5 < err[("heun", 25)] / err[("heun", 50)] < 4.5
+    assert 1.8 < err[("euler", 25)] / err[("euler", 50)] < 2.2
+
+
+def test_sampler_with_the_exact_gaussian_velocity_recovers_the_gaussian():
+    # For data z ~ N(m, s^2) the ideal velocity E[eps - z | x_t] is linear in x_t; integrating it must give back
+    # N(m, s^2). This checks direction of time, grid and integrator together, with no learning involved.
+    m, s = 0.7, 0.3
+
+    def field(x, t):
+        var = (1 - t) ** 2 * s**2 + t**2  # Var x_t
+        ez = m + (1 - t) * s**2 / var * (x - (1 - t) * m)  # E[z | x_t]
+        eeps = t / var * (x - (1 - t) * m)  # E[eps | x_t]
+        return eeps - ez
+
+    torch.manual_seed(0)
+    z = sample(Recorder(field), torch.randn(20_000, 4, 4, dtype=torch.float64), None, 2.0, steps=50, method="heun")
+    assert abs(z.mean() - m) < 0.005 and abs(z.std() / s - 1) < 0.02
+
+
+def test_cfg_scale_one_is_the_conditional_prediction_and_cfg_is_batched():
+    model = randomize(tiny("text"))
+    x, _, c = inputs(model)
+    ones, keep = torch.ones(4), torch.zeros(4, dtype=torch.bool)
+    # one Euler step from t = 1 to 0: z = x - v(x, 1)
+    z = sample(model, x, c, alpha=2.0, steps=1, cfg=1.0)
+    assert torch.allclose(z, x - model(x, ones, c, keep), atol=1e-6)
+    # cond and uncond in one batched forward equal two separate forwards
+    v2 = model(torch.cat([x, x]), torch.cat([ones, ones]), torch.cat([c, c]), torch.cat([keep, ~keep]))
+    v_c, v_u = model(x, ones, c, keep), model(x, ones, c, ~keep)
+    assert torch.allclose(v2, torch.cat([v_c, v_u]), atol=1e-5)
+    z = sample(model, x, c, alpha=2.0, steps=1, cfg=3.0)
+    assert torch.allclose(z, x - (v_u + 3.0 * (v_c - v_u)), atol=1e-5)
+
+
+def test_cfg_runs_one_doubled_forward_only_inside_its_interval():
+    model = Recorder(lambda x, t: torch.zeros_like(x))
+    sample(model, torch.zeros(3, 4, 2), torch.zeros(3, 5, 2), alpha=1.0, steps=4, cfg=2.0, cfg_interval=(0.0, 0.6))
+    assert model.calls == [(3, 1.0), (3, 0.75), (6, 0.5), (6, 0.25)]
+
+
+# ----------------------------------------------------------------------------- the learning test
+@pytest.mark.parametrize("cond", ["class", "text"])
+def test_dit_learns_per_condition_gaussians(cond):
+    """Three Gaussian clusters (per-token means ~ N(0, 1), so about 1.4 apart in RMS; spreads 0.1, 0.3, 0.5), chosen by
+    a class id or by a fixed random 'text' (3 token states per class). After 400 AdamW steps, 300 samples per condition
+    (Heun, 16 steps) must have a per-condition mean within 0.1 of the truth (RMS over the 4 x 8 elements) and a spread
+    (per-element std, averaged) within 20% of the truth. An untrained model (mean error ~1) or one that ignores the condition fails by far."""
+    torch.manual_seed(0)
+    K, N, C = 3, 4, 8
+    mu, sigma, text = torch.randn(K, N, C), torch.tensor([0.1, 0.3, 0.5]), torch.randn(K, 3, 16)
+    cfg = DiTConfig(in_channels=C, num_tokens=N, hidden_size=64, depth=2, num_heads=2, cond=cond, num_classes=K,
+                    text_dim=16, text_len=3, connector_depth=1)
+    model = DiT(cfg)
+    steps = 400
+    opt = torch.optim.AdamW(model.parameters(), lr=4e-3, betas=(0.9, 0.95), weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - i / steps)
+    for _ in range(steps):
+        k = torch.randint(K, (128,))
+        z = mu[k] + sigma[k, None, None] * torch.randn(128, N, C)
+        loss, _, _ = flow_loss(model, z, k if cond == "class" else text[k], alpha=1.0)  # alpha 1: only 32 dims
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    k = torch.arange(K).repeat_interleave(300)
+    z = sample(model, torch.randn(len(k), N, C), k if cond == "class" else text[k], alpha=1.0, steps=16, method="heun")
+    for j in range(K):
+        mean_err = (z[k == j].mean(0) - mu[j]).square().mean().sqrt()
+        spread = z[k == j].std(0).mean() / sigma[j]
+        assert mean_err < 0.1 and 0.8 < spread < 1.2, (j, mean_err.item(), spread.item())
