@@ -369,8 +369,9 @@ def segment(arr):
                              arr[:, -2:].reshape(-1, 3)])
     bg = np.median(border, 0).astype(np.float32)  # objects never touch the border in the toy world
     d, dc = x - bg, PALETTE - bg  # (P, 3), (K, 3)
-    a = np.clip(d @ dc.T / np.maximum((dc * dc).sum(1), 1), 0, 1)  # (P, K)
-    resid = ((d[:, None, :] - a[..., None] * dc[None]) ** 2).sum(-1)  # (P, K)
+    dot, n2 = d @ dc.T, np.maximum((dc * dc).sum(1), 1)  # (P, K), (K,)
+    a = np.clip(dot / n2, 0, 1)  # (P, K)
+    resid = (d * d).sum(1, keepdims=True) - 2 * a * dot + a * a * n2  # |d - a dc|^2, (P, K)
     k = resid.argmin(1)
     return k.reshape(h, w), (a[np.arange(len(k)), k] > 0.5).reshape(h, w)
 
@@ -425,7 +426,9 @@ def score_toy(images, attrs_list):
     """Toy GenEval. images: (B, 3, H, W) in [-1, 1] or a list of PIL images; attrs_list: the prompts' ground truth.
     Returns colour / shape / position accuracy over all objects (colour also over words), text accuracy over word
     prompts, and n images. Two-object prompts are matched to the two largest detections in the assignment that
-    agrees best; a missing detection gets every attribute wrong."""
+    identifies them best: by colour first, then shape (as GenEval finds an object by its class before judging
+    its position), so a swapped pair scores its positions wrong rather than its colours. A missing detection gets
+    every attribute wrong."""
     if torch.is_tensor(images):
         images = ((images.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1)
     hits, total = collections.Counter(), collections.Counter()
@@ -443,7 +446,7 @@ def score_toy(images, attrs_list):
         best = max((collections.Counter({a: sum(d is not None and d[a] == o[a] for o, d in zip(objs, perm))
                                          for a in ("color", "shape", "position")})
                     for perm in itertools.permutations(dets + [None] * len(objs), len(objs))),
-                   key=lambda c: sum(c.values()))
+                   key=lambda c: (c["color"], c["shape"], c["position"]))
         hits.update(best)
         total.update({"color": len(objs), "shape": len(objs), "position": len(objs)})
     acc = {f"{a}_acc": hits[a] / total[a] if total[a] else float("nan") for a in ("color", "shape", "position", "text")}
@@ -588,11 +591,17 @@ def expand_shards(spec):
 
 def tar_samples(shards):
     """Stream (key, {ext: bytes}) per sample. WebDataset grouping: consecutive members sharing a key (the path up to
-    the first dot of the file name) form a sample. A shard that ends early yields what it had, then (shard, None)."""
+    the first dot of the file name) form a sample. A shard that cannot be opened or ends early yields what it had,
+    then (shard, reason): the reason is counted where the sample would have been decoded, by exactly one reader."""
     for shard in shards:
-        key, files, broken = None, {}, False
+        key, files, broken = None, {}, None
         try:
-            with tarfile.open(shard, "r|*") as tar:  # streaming mode: no seeks, works on pipes and network mounts
+            tar = tarfile.open(shard, "r|*")  # streaming mode: no seeks, works on pipes and network mounts
+        except (OSError, tarfile.TarError):
+            yield shard, "unreadable shard"
+            continue
+        try:
+            with tar:
                 for member in tar:
                     if not member.isfile():
                         continue
@@ -603,12 +612,12 @@ def tar_samples(shards):
                             yield f"{shard}:{key}", files
                         key, files = os.path.join(folder, stem), {}
                     files[ext.lower()] = tar.extractfile(member).read()
-        except (OSError, EOFError, tarfile.TarError):  # missing, truncated or corrupt archive (gzip errors too)
-            broken = True
+        except (OSError, EOFError, tarfile.TarError):  # ends mid-archive or corrupt (gzip errors included)
+            broken = "truncated shard"
         if files:
             yield f"{shard}:{key}", files
         if broken:
-            yield shard, None
+            yield shard, broken
 
 
 def shuffle_buffer(items, size, rng):
@@ -658,8 +667,8 @@ class TarShards(IterableDataset):
             yield self.decode(key, files)
 
     def decode(self, key, files):
-        if files is None:
-            BAD.add("truncated shard", key, self.log)
+        if isinstance(files, str):  # a broken shard, see tar_samples
+            BAD.add(files, key, self.log)
             return None
         image = next((files[e] for e in files if e in IMAGE_EXTS), None)
         if image is None:
