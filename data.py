@@ -104,7 +104,7 @@ def to_rgb(im):
 
 def to_tensor(im):
     """PIL RGB (H, W) -> (3, H, W) float in [-1, 1]."""
-    # numpy rather than torch ops: a few times faster on small images, where torch's threading costs more than it gains
+    # numpy, not torch ops: on one small image torch's thread-pool dispatch costs more than it saves
     return torch.from_numpy(np.ascontiguousarray(np.asarray(im, dtype=np.float32).transpose(2, 0, 1)) / 127.5 - 1)
 
 
