@@ -29,14 +29,65 @@ def timeit(fn, warmup=1, iters=3):
 
 # ----------------------------------------------------------------------------- rae: SigLIP-2 encoder
 def bench_rae(args):
-    raise NotImplementedError("rae section")
+    """so400m-patch14-224 vision tower (427.7M params), random weights, fp32: ours vs transformers (sdpa)."""
+    import json, os, tempfile
+    from safetensors.torch import save_file
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+    import rae
+    torch.manual_seed(0)
+    cfg = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+               image_size=224, patch_size=14)
+    hf = SiglipVisionModel(SiglipVisionConfig(**cfg, attn_implementation="sdpa")).eval()
+    with tempfile.TemporaryDirectory() as d:  # the same weights, written as a hub snapshot and read by us
+        state = {("" if k.startswith("vision_model.") else "vision_model.") + k: v for k, v in hf.state_dict().items()}
+        save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(d, "model.safetensors"))
+        json.dump({"model_type": "siglip", "vision_config": cfg}, open(os.path.join(d, "config.json"), "w"))
+        ours = rae.load_siglip2(d, text=False).vision
+    img = torch.rand(args.batch, 3, 224, 224) * 2 - 1
+    with torch.no_grad():
+        diff = (ours(img) - hf(img, output_hidden_states=True).hidden_states[-1]).abs().max().item()
+        diff_pool = (ours.pool(ours(img)) - hf(img).pooler_output).abs().max().item()
+        t_hf = timeit(lambda: hf(img), iters=args.iters)
+        t_ours = timeit(lambda: ours(img), iters=args.iters)
+        t_ours_pool = timeit(lambda: ours.pool(ours(img)), iters=args.iters)
+    print(f"so400m/14 vision tower, batch {args.batch}, fp32, {torch.get_num_threads()} threads; "
+          f"max|diff| block output {diff:.2e}, pooled {diff_pool:.2e}")
+    print(f"  transformers SiglipVisionModel (sdpa): {args.batch / t_hf:6.2f} img/s")
+    print(f"  ours, model.vision(img) (RAE latent):  {args.batch / t_ours:6.2f} img/s  time ratio {t_ours / t_hf:.3f}")
+    print(f"  ours, + post-LN + MAP head (pooled):   {args.batch / t_ours_pool:6.2f} img/s  time ratio {t_ours_pool / t_hf:.3f}")
 
 
 # ----------------------------------------------------------------------------- tokenizer
 
 
 def bench_tokenizer(args):
-    raise NotImplementedError("tokenizer section")
+    """Pure-Python Gemma BPE strings/s on caption-like text (a 20k-word vocabulary), cold and cached."""
+    import json, random, tempfile
+    import rae
+    rng = random.Random(0)
+    words = sorted({"".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 10)))
+                    for _ in range(20000)})
+    captions = [" ".join(rng.choice(words) for _ in range(rng.randint(5, 25))).capitalize() + "."
+                for _ in range(2000)]
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(rae.gemma_tokenizer_json(words), f)
+    tok = rae.GemmaTokenizer(f.name)
+    t0 = time.perf_counter()
+    tok(captions)
+    cold = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    tok(captions)
+    warm = time.perf_counter() - t0
+    line = f"vocab {len(tok.vocab)}, {len(captions)} captions of 5-25 words: cold {len(captions) / cold:,.0f} strings/s, " \
+           f"cached {len(captions) / warm:,.0f} strings/s"
+    try:
+        from tokenizers import Tokenizer
+        hf = Tokenizer.from_file(f.name)
+        t_hf = timeit(lambda: hf.encode_batch([c.lower() for c in captions]), iters=3)
+        line += f" (HF tokenizers, Rust, batched: {len(captions) / t_hf:,.0f} strings/s)"
+    except ImportError:
+        pass
+    print(line)
 
 
 # ----------------------------------------------------------------------------- dit: training step
@@ -116,6 +167,8 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("section", choices=[*SECTIONS, "all"])
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--batch", type=int, default=4, help="images per forward in the encoder sections")
+    p.add_argument("--iters", type=int, default=3, help="timed repetitions (the median is reported)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
