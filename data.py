@@ -17,18 +17,20 @@ import glob
 import io
 import itertools
 import json
+import math
 import os
 import re
 import shutil
 import sys
 import tarfile
+import textwrap
 import warnings
 from functools import lru_cache
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 IMAGE_EXTS = {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"}
 MAX_PIXELS = 64 * 2**20  # decode cap (a 192 MB RGB array); larger is treated as a decompression bomb
@@ -109,7 +111,9 @@ def to_tensor(im):
 
 
 def load_image(data, size, min_size=MIN_SIZE, max_pixels=MAX_PIXELS):
-    """Encoded image bytes -> (3, size, size) in [-1, 1]; raises BadSample(reason)."""
+    """Encoded image bytes (None: the file could not be read) -> (3, size, size) in [-1, 1]; raises BadSample."""
+    if data is None:
+        raise BadSample("unreadable file")
     if len(data) == 0:
         raise BadSample("zero-byte")
     try:
@@ -190,7 +194,7 @@ def make_sample(path, data, caption, size, flip=False, log=True):
 
 
 def read_file(path):
-    """File bytes, or None where it cannot be opened (the sample is then counted as 'unreadable file')."""
+    """File bytes, or None where it cannot be opened (load_image then counts an 'unreadable file')."""
     try:
         with open(path, "rb") as f:
             return f.read()
@@ -352,6 +356,30 @@ def toy_prompts(n, seed=0):
         rng = np.random.default_rng([seed, SPLITS["test"], i])
         attrs = toy_attrs(rng)
         out.append((toy_caption(attrs, rng), attrs))
+    return out
+
+
+_OBJECT = re.compile(rf"an? ({'|'.join(COLORS)}) ({'|'.join(SHAPES)}) ({'|'.join(PHRASES.values())})")
+_WORD = [re.compile(re.escape(t).replace(r"\{word\}", rf"(?P<word>{'|'.join(WORDS)})")
+                    .replace(r"\{color\}", rf"(?P<color>{'|'.join(COLORS)})")) for t in WORD_TEMPLATES]
+
+
+def toy_truth(prompts):
+    """Toy captions -> their attrs (the inverse of toy_caption), to score images made from typed-in prompts; None
+    if any prompt is not a toy caption."""
+    position = {phrase: p for p, phrase in PHRASES.items()}
+    out = []
+    for prompt in prompts:
+        text = " ".join(prompt.lower().split())
+        text = next((text[len(p):] for p in PREFIXES if p and text.startswith(p)), text)
+        word = next((m for m in (r.fullmatch(text) for r in _WORD) if m), None)
+        objs = [_OBJECT.fullmatch(part) for part in text.split(" and ")]
+        if word:
+            out.append({"word": word["word"], "color": word["color"]})
+        elif all(objs) and len(objs) <= 2:
+            out.append({"objects": [{"color": m[1], "shape": m[2], "position": position[m[3]]} for m in objs]})
+        else:
+            return None
     return out
 
 
@@ -526,11 +554,7 @@ class ImageCaptionFolder(Dataset):
         path = os.path.join(self.root, rel)
         if not self.jsonl:
             caption = read_file(os.path.splitext(path)[0] + ".txt")
-        data = read_file(path)
-        if data is None:
-            BAD.add("unreadable file", path, self.log)
-            return None
-        return make_sample(path, data, caption, self.size, self.flip, self.log)
+        return make_sample(path, read_file(path), caption, self.size, self.flip, self.log)
 
 
 class ClassFolders(Dataset):
@@ -562,11 +586,8 @@ class ClassFolders(Dataset):
         rel, label = self.items[i]
         path = os.path.join(self.root, rel)
         name = self.names[label]
-        data = read_file(path)
-        if data is None:
-            BAD.add("unreadable file", path, self.log)
-            return None
-        sample = make_sample(path, data, f"a photo of {article(name)} {name}", self.size, self.flip, self.log)
+        sample = make_sample(path, read_file(path), f"a photo of {article(name)} {name}", self.size, self.flip,
+                             self.log)
         return sample and {**sample, "label": label}
 
 
@@ -688,8 +709,8 @@ class TarShards(IterableDataset):
 def build_dataset(spec, size=224, rank=0, world_size=1, seed=0, flip=False):
     """'toy' or 'toy:SEED' -> ToyWorld (never flipped, see ToyWorld); a folder -> ImageCaptionFolder if it has a
     captions.jsonl or any .txt, else ClassFolders (with root/class_names.json if present); anything else -> tar
-    shards. Map-style datasets need a DistributedSampler under torchrun; TarShards splits itself by `rank`. `seed`
-    only orders the tar stream: the toy world's content is set by SEED in the spec."""
+    shards. `seed` only orders the tar stream: the toy world's content is set by SEED in the spec. Iterate with
+    infinite_batches, which splits map-style datasets over ranks (TarShards split themselves by `rank`)."""
     quiet = rank != 0
     if spec == "toy" or spec.startswith("toy:"):
         return ToyWorld(size, seed=int(spec[4:] or 0))
@@ -700,6 +721,66 @@ def build_dataset(spec, size=224, rank=0, world_size=1, seed=0, flip=False):
         names = os.path.join(spec, "class_names.json")
         return ClassFolders(spec, size, names=names if os.path.exists(names) else None, flip=flip, quiet=quiet)
     return TarShards(spec, size, seed=seed, rank=rank, world_size=world_size, flip=flip, quiet=quiet)
+
+
+# ----------------------------------------------------------------------------- for the training loop: endless batches, image grids
+def _gather(batch):  # DataLoader-side: keep the good samples, and this worker's counts (see BAD)
+    return [s for s in batch if s is not None], BAD.drain()
+
+
+def infinite_batches(dataset, batch_size, rank=0, world_size=1, seed=0, workers=0, epoch=0, consumed=0):
+    """Endless (epoch, consumed, batch): batch = collate of exactly batch_size good samples (bad ones are replaced
+    by the next; their counts ride along in batch["bad"]). (epoch, consumed) is the position after the batch, in
+    DataLoader batches of this rank's epoch: save it, pass it back, and a resumed run goes on from there (the few
+    samples held over for refilling at that moment are skipped). Map-style datasets are shuffled with (seed, epoch)
+    and cut into equal rank shares, so every rank takes the same number of steps; TarShards split themselves and
+    are fast-forwarded by reading. The random flip draws from torch's RNG (DataLoader seeds each worker from it)."""
+    held, bad = [], BadSampleCounter()
+    while True:
+        if isinstance(dataset, IterableDataset):
+            dataset.set_epoch(epoch)
+            loader = DataLoader(dataset, batch_size, num_workers=workers, collate_fn=_gather)
+            loader = itertools.islice(loader, consumed, None)
+        else:
+            order = np.random.default_rng([seed, epoch]).permutation(len(dataset))
+            share = order[rank::world_size][: len(dataset) // world_size]  # equal shares keep the ranks in step
+            loader = DataLoader(dataset, batch_size, sampler=share[consumed * batch_size:].tolist(),
+                                num_workers=workers, collate_fn=_gather)
+        good_in_epoch = 0
+        for samples, counts in loader:
+            consumed += 1
+            good_in_epoch += len(samples)
+            held += samples
+            bad.update(counts)
+            while len(held) >= batch_size:
+                batch = collate(held[:batch_size])
+                held = held[batch_size:]
+                bad.update(batch["bad"])
+                batch["bad"] = bad.drain()
+                yield epoch, consumed, batch
+        if good_in_epoch == 0:
+            raise RuntimeError(f"a whole epoch of {type(dataset).__name__} gave no usable sample ({bad})")
+        epoch, consumed = epoch + 1, 0
+
+
+def save_image_grid(path, img, captions=None, columns=None):
+    """(B, 3, H, W) in [-1, 1] -> one PNG: a grid `columns` wide (default: square), each caption wrapped below its
+    tile (up to three lines)."""
+    b, _, h, w = img.shape
+    columns = columns or math.ceil(math.sqrt(b))
+    font = _font(max(8, w // 16))
+    chars = max(8, int(w / (0.55 * font.size)))  # ~0.55 em per character in this font
+    lines = [textwrap.wrap(c, chars)[:3] for c in captions] if captions else [[]] * b
+    text_h = 3 * (font.size + 2) + 4 if captions else 0
+    tiles = ((img.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    grid = Image.new("RGB", (columns * w, math.ceil(b / columns) * (h + text_h)), "white")
+    draw = ImageDraw.Draw(grid)
+    for k, (tile, text) in enumerate(zip(tiles, lines)):
+        x, y = k % columns * w, k // columns * (h + text_h)
+        grid.paste(Image.fromarray(tile), (x, y))
+        draw.multiline_text((x + 2, y + h + 2), "\n".join(text), fill=(0, 0, 0), font=font, spacing=2)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    grid.save(path)
 
 
 # ----------------------------------------------------------------------------- smoke test

@@ -475,3 +475,78 @@ def test_tar_missing_shard_does_not_stop_the_stream(tmp_path):
     ds = data.TarShards([str(tmp_path / "gone.tar"), str(tmp_path / "shard-00.tar")], size=32, shuffle_buffer=0)
     assert [s and s["caption"] for s in ds] == [None, "sample 0 0", "sample 0 1", "sample 0 2"]
     assert data.BAD.drain() == {"unreadable shard": 1}
+
+
+# ----------------------------------------------------------------------------- toy prompts back to attrs, the toy encoder
+def test_toy_truth_inverts_toy_captions():
+    by_position = lambda a: {"objects": sorted(a["objects"], key=lambda o: o["position"])} if "objects" in a else a
+    prompts = data.toy_prompts(300, seed=5)
+    truth = data.toy_truth([c.upper() for c, _ in prompts])  # typed-in prompts: case and spacing do not matter
+    assert [by_position(t) for t in truth] == [by_position(a) for _, a in prompts]
+    assert data.toy_truth(["a red circle on the left", "a photo of a dog"]) is None
+    assert data.toy_truth(['the word "zebra" in red']) is None  # not a toy word: the scorer could not read it
+
+
+def test_toy_encoder_written_once_in_hf_format_and_loaded(tmp_path):
+    path = str(tmp_path / "toy_encoder")
+    model = data.toy_encoder(path)
+    assert sorted(os.listdir(path)) == ["config.json", "model.safetensors", "tokenizer.json"]
+    mtime = os.path.getmtime(os.path.join(path, "model.safetensors"))
+    again = data.toy_encoder(path)  # loads, does not rewrite
+    assert os.path.getmtime(os.path.join(path, "model.safetensors")) == mtime
+    captions = [c for c, _ in data.toy_prompts(200)]
+    ids = model.tokenizer(captions)
+    assert ids.shape == (200, 64)
+    unk, byte_fallback = 3, set(range(5, 5 + 256))
+    assert not (ids == unk).any() and not set(ids.unique().tolist()) & byte_fallback
+    assert all(model.tokenizer.decode(model.tokenizer.encode(c)) == c for c in captions)
+    assert all(len(model.tokenizer.encode(" " + w)) == 1 for w in data.toy_vocab())  # one token per word
+    img = torch.stack([data.ToyWorld(224)[i]["img"] for i in range(2)])
+    with torch.no_grad():
+        z, t = model.vision(img), model.text(ids[:2])
+        assert z.shape == (2, 256, data.TOY_VISION["hidden_size"]) and t.shape == (2, 64, data.TOY_TEXT["hidden_size"])
+        assert torch.equal(z, again.vision(img))  # fixed weights
+    with pytest.raises(ValueError, match="224 px"):
+        data.toy_encoder(path, size=112)
+
+
+# ----------------------------------------------------------------------------- for the training loop
+def test_infinite_batches_split_ranks_and_resume_exactly():
+    ds = data.ToyWorld(16, length=50)
+    take = lambda it, n: [next(it) for _ in range(n)]
+    ranks = [take(data.infinite_batches(ds, 8, rank=r, world_size=2, seed=3), 3) for r in range(2)]
+    seen = [x.numpy().tobytes() for r in ranks for _, _, b in r for x in b["img"]]  # captions can repeat, pixels not
+    assert len(seen) == 48 == len(set(seen))  # 3 full steps per rank from 25 each, no sample twice in the epoch
+    assert [(e, c) for e, c, _ in ranks[0]] == [(0, 1), (0, 2), (0, 3)]
+    full = take(data.infinite_batches(ds, 8, rank=1, world_size=2, seed=3), 6)
+    resumed = take(data.infinite_batches(ds, 8, rank=1, world_size=2, seed=3, epoch=0, consumed=2), 4)
+    assert [b["caption"] for _, _, b in resumed] == [b["caption"] for _, _, b in full[2:]]
+    assert full[3][0] == 1 and full[3][2]["caption"] != full[0][2]["caption"]  # epoch 1: a new order
+
+
+def test_infinite_batches_refill_bad_samples_and_fail_when_all_bad(tmp_path):
+    for i in range(10):
+        (tmp_path / f"{i}.jpg").write_bytes(encode(photo(), "JPEG") if i % 3 else b"")
+        (tmp_path / f"{i}.txt").write_text(f"photo {i}")
+    ds = data.ImageCaptionFolder(str(tmp_path), size=32, quiet=True)
+    batches = data.infinite_batches(ds, 4, workers=2)
+    first = [next(batches) for _ in range(3)]
+    assert all(b["img"].shape == (4, 3, 32, 32) for _, _, b in first)  # 6 good of 10 per epoch, still full batches
+    assert sum(b["bad"].get("zero-byte", 0) for _, _, b in first) >= 4
+    for i in range(10):
+        (tmp_path / f"{i}.jpg").write_bytes(b"")
+    with pytest.raises(RuntimeError, match=r"no usable sample \(bad samples: 10 \(zero-byte: 10\)\)"):
+        next(data.infinite_batches(data.ImageCaptionFolder(str(tmp_path), size=32, quiet=True), 4))
+
+
+def test_save_image_grid(tmp_path):
+    img = torch.stack([data.ToyWorld(32)[i]["img"] for i in range(5)])
+    data.save_image_grid(str(tmp_path / "a" / "grid.png"), img, [f"caption {i}" for i in range(5)], columns=3)
+    grid = np.asarray(Image.open(tmp_path / "a" / "grid.png"))
+    tile_h = grid.shape[0] // 2
+    assert grid.shape[1] == 96 and tile_h > 32
+    expect = ((img[4] + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    assert np.array_equal(grid[tile_h:tile_h + 32, 32:64], expect)  # tile 4: row 1, column 1
+    assert (grid[32:tile_h, :32] < 128).any()  # its caption is drawn below the tile
+    data.save_image_grid(str(tmp_path / "one.png"), img[4:])  # no captions: exactly the image
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "one.png")), expect)
