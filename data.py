@@ -302,19 +302,21 @@ def render_toy(attrs, size, rng):
     """attrs -> PIL RGB size x size. All layout draws come before any size-dependent one, so the same (seed, index)
     gives the same scene at every resolution."""
     base = rng.uniform(200, 245) + rng.uniform(-8, 8, 3)  # light, nearly neutral
-    texture, angle, freq, tex_seed = rng.integers(4), rng.uniform(0, 2 * np.pi), rng.uniform(3, 12), rng.integers(2**31)
+    texture, angle, freq = rng.integers(4), rng.uniform(0, 2 * np.pi), rng.uniform(3, 12)
+    noise_seed = rng.integers(2**31)  # the noise texture's own generator: its size-dependent draws stay out of rng
     layout = []
     if "word" in attrs:
         layout.append((None, attrs["color"], rng.uniform(0.45, 0.75), 0.5 + rng.uniform(-0.05, 0.05, 2)))
     for o in attrs.get("objects", []):  # two objects are smaller, so the pair never overlaps
         side = rng.uniform(0.22, 0.32) if len(attrs["objects"]) == 1 else rng.uniform(0.2, 0.28)
-        layout.append((o["shape"], o["color"], side, np.array(POSITIONS[o["position"]]) + rng.uniform(-0.03, 0.03, 2)))
+        center = np.array(POSITIONS[o["position"]]) + rng.uniform(-0.03, 0.03, 2)
+        layout.append((o["shape"], o["color"], side, center))
     jitter = rng.uniform(-10, 10, (len(layout), 3)).astype(np.float32)
 
     img = np.empty((size, size, 3), dtype=np.float32)  # (H, W, 3)
     img[:] = base
     if texture == 1:  # noise
-        img += np.random.default_rng(tex_seed).normal(0, 5, (size, size, 1)).astype(np.float32)
+        img += np.random.default_rng(noise_seed).normal(0, 5, (size, size, 1)).astype(np.float32)
     elif texture >= 2:  # a gradient or stripes along a random direction
         t = np.arange(size, dtype=np.float32) / size - 0.5
         along = t[None, :] * np.cos(angle) + t[:, None] * np.sin(angle)  # (H, W)
@@ -340,23 +342,23 @@ class ToyWorld(Dataset):
     def __len__(self):
         return self.length
 
+    def prompt(self, i):
+        """(caption, attrs) of sample i without rendering it, and the generator that goes on to draw its layout."""
+        rng = np.random.default_rng([self.seed, self.split, i])
+        attrs = toy_attrs(rng)
+        return toy_caption(attrs, rng), attrs, rng
+
     def __getitem__(self, i):
         if not 0 <= i < self.length:
             raise IndexError(i)
-        rng = np.random.default_rng([self.seed, self.split, i])
-        attrs = toy_attrs(rng)
-        caption = toy_caption(attrs, rng)
+        caption, attrs, rng = self.prompt(i)
         return {"img": to_tensor(render_toy(attrs, self.size, rng)), "caption": caption, "attrs": attrs}
 
 
 def toy_prompts(n, seed=0):
     """The fixed evaluation set: [(caption, attrs)] of the first n samples of the test split (never trained on)."""
-    out = []
-    for i in range(n):
-        rng = np.random.default_rng([seed, SPLITS["test"], i])
-        attrs = toy_attrs(rng)
-        out.append((toy_caption(attrs, rng), attrs))
-    return out
+    world = ToyWorld(seed=seed, split="test")
+    return [world.prompt(i)[:2] for i in range(n)]
 
 
 _OBJECT = re.compile(rf"an? ({'|'.join(COLORS)}) ({'|'.join(SHAPES)}) ({'|'.join(PHRASES.values())})")
@@ -383,7 +385,7 @@ def toy_truth(prompts):
     return out
 
 
-# ----------------------------------------------------------------------------- the toy scorer (a GenEval by pixel analysis)
+# ----------------------------------------------------------------------------- the toy scorer: GenEval by pixels
 PALETTE = np.array(list(COLORS.values()), dtype=np.float32)  # (K, 3)
 
 
@@ -503,7 +505,7 @@ def toy_encoder(path="toy_encoder", size=224):
     with open(os.path.join(path, "config.json")) as f:
         written = json.load(f)["vision_config"]["image_size"]
     if written != size:
-        raise ValueError(f"{path} holds a toy encoder for {written} px images, not {size}; delete it or pick another path")
+        raise ValueError(f"{path} holds a toy encoder for {written} px images, not {size}: delete it or pick a path")
     return rae.load_siglip2(path)
 
 
@@ -607,6 +609,9 @@ def expand_shards(spec):
             out.append(s)
     if not out:
         raise ValueError(f"no tar shards match {spec!r}")
+    missing = [s for s in out if not os.path.isfile(s)]
+    if missing:  # at start-up a typo is an error; a shard that goes missing later is counted and skipped
+        raise ValueError(f"{missing[0]}: no such file ({len(missing)} of {len(out)} shards missing)")
     return out
 
 
@@ -723,9 +728,15 @@ def build_dataset(spec, size=224, rank=0, world_size=1, seed=0, flip=False):
     return TarShards(spec, size, seed=seed, rank=rank, world_size=world_size, flip=flip, quiet=quiet)
 
 
-# ----------------------------------------------------------------------------- for the training loop: endless batches, image grids
-def _gather(batch):  # DataLoader-side: keep the good samples, and this worker's counts (see BAD)
-    return [s for s in batch if s is not None], BAD.drain()
+# ----------------------------------------------------------------------------- for the training loop: batches, grids
+def _split(parts, n):
+    """Collated batches -> (their first n samples as one batch, the rest). Refilling works on collated batches, not
+    single samples, so each worker ships one tensor per batch (one shared-memory file, not one per image)."""
+    if len(parts) == 1 and len(parts[0]["caption"]) == n:  # the usual case: nothing was bad, nothing to copy
+        return parts[0], {"caption": []}
+    whole = {k: torch.cat([p[k] for p in parts]) if torch.is_tensor(v) else [x for p in parts for x in p[k]]
+             for k, v in parts[0].items()}
+    return {k: v[:n] for k, v in whole.items()}, {k: v[n:] for k, v in whole.items()}
 
 
 def infinite_batches(dataset, batch_size, rank=0, world_size=1, seed=0, workers=0, epoch=0, consumed=0):
@@ -739,23 +750,23 @@ def infinite_batches(dataset, batch_size, rank=0, world_size=1, seed=0, workers=
     while True:
         if isinstance(dataset, IterableDataset):
             dataset.set_epoch(epoch)
-            loader = DataLoader(dataset, batch_size, num_workers=workers, collate_fn=_gather)
+            loader = DataLoader(dataset, batch_size, num_workers=workers, collate_fn=collate)
             loader = itertools.islice(loader, consumed, None)
         else:
             order = np.random.default_rng([seed, epoch]).permutation(len(dataset))
             share = order[rank::world_size][: len(dataset) // world_size]  # equal shares keep the ranks in step
             loader = DataLoader(dataset, batch_size, sampler=share[consumed * batch_size:].tolist(),
-                                num_workers=workers, collate_fn=_gather)
+                                num_workers=workers, collate_fn=collate)
         good_in_epoch = 0
-        for samples, counts in loader:
+        for part in loader:
             consumed += 1
-            good_in_epoch += len(samples)
-            held += samples
-            bad.update(counts)
-            while len(held) >= batch_size:
-                batch = collate(held[:batch_size])
-                held = held[batch_size:]
-                bad.update(batch["bad"])
+            bad.update(part.pop("bad"))
+            if part:  # {} when every sample of it was bad
+                held.append(part)
+                good_in_epoch += len(part["caption"])
+            while sum(len(p["caption"]) for p in held) >= batch_size:
+                batch, rest = _split(held, batch_size)
+                held = [rest] if rest["caption"] else []
                 batch["bad"] = bad.drain()
                 yield epoch, consumed, batch
         if good_in_epoch == 0:

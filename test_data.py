@@ -470,14 +470,17 @@ def test_tar_bad_members_and_truncated_shard_are_counted(tmp_path):
     assert sum(s is None for s in samples) == 5
 
 
-def test_tar_missing_shard_does_not_stop_the_stream(tmp_path):
-    write_shards(tmp_path, 1, 3)
-    ds = data.TarShards([str(tmp_path / "gone.tar"), str(tmp_path / "shard-00.tar")], size=32, shuffle_buffer=0)
-    assert [s and s["caption"] for s in ds] == [None, "sample 0 0", "sample 0 1", "sample 0 2"]
+def test_tar_missing_shard_is_an_error_at_start_and_skipped_later(tmp_path):
+    write_shards(tmp_path, 2, 3)
+    with pytest.raises(ValueError, match="gone.tar: no such file"):
+        data.TarShards([str(tmp_path / "gone.tar"), str(tmp_path / "shard-00.tar")], size=32)
+    ds = data.TarShards(str(tmp_path / "shard-*.tar"), size=32, shuffle_buffer=0)
+    os.remove(tmp_path / "shard-00.tar")  # vanishes mid-run (a network mount, a cleanup job)
+    assert [s and s["caption"] for s in ds] == [None, "sample 1 0", "sample 1 1", "sample 1 2"]
     assert data.BAD.drain() == {"unreadable shard": 1}
 
 
-# ----------------------------------------------------------------------------- toy prompts back to attrs, the toy encoder
+# ----------------------------------------------------------------------------- toy_truth, the toy encoder
 def test_toy_truth_inverts_toy_captions():
     by_position = lambda a: {"objects": sorted(a["objects"], key=lambda o: o["position"])} if "objects" in a else a
     prompts = data.toy_prompts(300, seed=5)
