@@ -336,9 +336,17 @@ def test_bad_samples_are_logged_once_per_path(tmp_path, capsys):
     assert ds[0] is None and ds[0] is None
     assert capsys.readouterr().err.count("zero-byte") == 1
     assert data.BAD.drain() == {"zero-byte": 2}
-    assert data.ImageCaptionFolder(str(tmp_path), size=32, quiet=True)[0] is None
     data.BAD.logged.clear()
-    assert capsys.readouterr().err == ""
+    assert data.ImageCaptionFolder(str(tmp_path), size=32, quiet=True)[0] is None  # rank > 0: count, never print
+    assert capsys.readouterr().err == "" and data.BAD.drain() == {"zero-byte": 1}
+    for i in range(30):
+        (tmp_path / f"{i}.jpg").write_bytes(b"")
+        (tmp_path / f"{i}.txt").write_text("a cat")
+    ds = data.ImageCaptionFolder(str(tmp_path), size=32)
+    assert all(ds[i] is None for i in range(len(ds)))
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == data.BadSampleCounter.max_logged and "only counted" in err[-1]  # no flood
+    assert data.BAD.drain() == {"zero-byte": 31}
 
 
 def test_collate_counts_reach_the_main_process_from_workers(tmp_path):
