@@ -71,9 +71,12 @@ class BadSampleCounter:
         self.counts.clear()
         return counts
 
+    def total(self):
+        return sum(self.counts.values())
+
     def __str__(self):
         parts = ", ".join(f"{reason}: {n}" for reason, n in self.counts.most_common())
-        return f"bad samples: {sum(self.counts.values())}" + (f" ({parts})" if parts else "")
+        return f"bad samples: {self.total()}" + (f" ({parts})" if parts else "")
 
 
 # One counter per process. DataLoader workers are separate processes, so counts kept in a dataset object would

@@ -366,7 +366,7 @@ def test_collate_counts_reach_the_main_process_from_workers(tmp_path):
         assert "img" not in batch or batch["img"].shape == (len(batch["caption"]), 3, 32, 32)
     assert n == 6
     assert dict(total.counts) == {"zero-byte": 1, "not an image": 1, "truncated": 1, "caption missing": 1}
-    assert str(total).startswith("bad samples: 4 (")
+    assert total.total() == 4 and str(total).startswith("bad samples: 4 (")
 
 
 # ----------------------------------------------------------------------------- readers
