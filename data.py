@@ -747,7 +747,7 @@ def infinite_batches(dataset, batch_size, rank=0, world_size=1, seed=0, workers=
     by the next; their counts ride along in batch["bad"]). (epoch, consumed) is the position after the batch, in
     DataLoader batches of this rank's epoch: save it, pass it back, and a resumed run goes on from there (the few
     samples held over for refilling at that moment are skipped). Map-style datasets are shuffled with (seed, epoch)
-    and cut into equal rank shares, so every rank takes the same number of steps; TarShards split themselves and
+    and each global batch is cut into contiguous rank slices, so every rank takes the same number of steps; TarShards split themselves and
     are fast-forwarded by reading. The random flip draws from torch's RNG (DataLoader seeds each worker from it)."""
     held, bad = [], BadSampleCounter()
     while True:
@@ -756,8 +756,14 @@ def infinite_batches(dataset, batch_size, rank=0, world_size=1, seed=0, workers=
             loader = DataLoader(dataset, batch_size, num_workers=workers, collate_fn=collate)
             loader = itertools.islice(loader, consumed, None)
         else:
+            # global batch k is order[k*B:(k+1)*B] and rank r takes its r-th contiguous slice: so any number of
+            # ranks sees the same global batches, sample for sample (equal shares also keep the ranks in step)
             order = np.random.default_rng([seed, epoch]).permutation(len(dataset))
-            share = order[rank::world_size][: len(dataset) // world_size]  # equal shares keep the ranks in step
+            full = len(dataset) // (batch_size * world_size) * batch_size * world_size
+            if full == 0:
+                raise ValueError(f"{type(dataset).__name__} has {len(dataset)} samples, fewer than one global batch "
+                                 f"of {batch_size * world_size}")
+            share = order[:full].reshape(-1, world_size, batch_size)[:, rank].reshape(-1)
             loader = DataLoader(dataset, batch_size, sampler=share[consumed * batch_size:].tolist(),
                                 num_workers=workers, collate_fn=collate)
         good_in_epoch = 0

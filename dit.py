@@ -350,13 +350,18 @@ def sample_t(B, alpha, generator=None, device=None):
     return time_shift(torch.sigmoid(torch.randn(B, generator=generator, device=device)), alpha)
 
 
-def flow_loss(model, z, cond, alpha, p_drop=0.1, generator=None):
+def flow_loss(model, z, cond, alpha, p_drop=0.1, generator=None, noise=None):
     """Rectified-flow loss on clean latents z (B, N, C): x_t = (1 - t) z + t eps, target v = eps - z, plain MSE
-    (no weighting, as both papers). Returns (loss, per-sample loss (B,), t (B,)); the last two for loss_per_t_bin."""
+    (no weighting, as both papers). Returns (loss, per-sample loss (B,), t (B,)); the last two for loss_per_t_bin.
+    `noise` = (t, eps, drop) drawn by the caller replaces the draws (train_dit.py draws them per sample so that
+    any split of a batch over ranks gives the same numbers)."""
     B = z.shape[0]
-    t = sample_t(B, alpha, generator, z.device)
-    eps = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
-    drop = torch.rand(B, generator=generator, device=z.device) < p_drop  # condition dropout, for CFG
+    if noise is None:
+        t = sample_t(B, alpha, generator, z.device)
+        eps = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+        drop = torch.rand(B, generator=generator, device=z.device) < p_drop  # condition dropout, for CFG
+    else:
+        t, eps, drop = noise
     tt = t.to(z.dtype)[:, None, None]
     v = model((1 - tt) * z + tt * eps, t, cond, drop)  # (B, N, C)
     per_sample = (v.float() - (eps - z).float()).square().mean(dim=(1, 2))  # (B,)

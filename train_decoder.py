@@ -93,7 +93,7 @@ def diff_augment(x, generator):
     """DiffAugment as in RAE (from StyleGAN-T): brightness, saturation, contrast, and an integer translation
     of up to 1/8 of the size with zero fill; differentiable, per-sample randomness. x in [-1, 1]."""
     B = x.shape[0]
-    r = lambda *s: torch.rand(B, *s, 1, 1, device=x.device, generator=generator)
+    r = lambda: torch.rand(B, 1, 1, 1, device=x.device, generator=generator)  # one draw per sample
     x = x + (r() - 0.5)  # brightness
     m = x.mean(1, keepdim=True)
     x = (x - m) * (r() * 2) + m  # saturation
