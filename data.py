@@ -758,12 +758,14 @@ def infinite_batches(dataset, batch_size, rank=0, world_size=1, seed=0, workers=
         else:
             # global batch k is order[k*B:(k+1)*B] and rank r takes its r-th contiguous slice: so any number of
             # ranks sees the same global batches, sample for sample (equal shares also keep the ranks in step)
+            # (the last, partial global batch is split the same way, in equal contiguous parts)
             order = np.random.default_rng([seed, epoch]).permutation(len(dataset))
-            full = len(dataset) // (batch_size * world_size) * batch_size * world_size
-            if full == 0:
-                raise ValueError(f"{type(dataset).__name__} has {len(dataset)} samples, fewer than one global batch "
-                                 f"of {batch_size * world_size}")
-            share = order[:full].reshape(-1, world_size, batch_size)[:, rank].reshape(-1)
+            n = len(dataset) // world_size * world_size
+            if n == 0:
+                raise ValueError(f"{type(dataset).__name__} has {len(dataset)} samples, fewer than {world_size} ranks")
+            head = n // (batch_size * world_size) * batch_size * world_size
+            share = np.concatenate([order[:head].reshape(-1, world_size, batch_size)[:, rank].reshape(-1),
+                                    order[head:n].reshape(world_size, -1)[rank]])
             loader = DataLoader(dataset, batch_size, sampler=share[consumed * batch_size:].tolist(),
                                 num_workers=workers, collate_fn=collate)
         good_in_epoch = 0

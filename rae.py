@@ -362,10 +362,14 @@ class GemmaTokenizer:
     """Pure-Python BPE equal to HF `tokenizers` on a Gemma tokenizer.json: added tokens split first, then
     the normalizer (" " -> "\u2581"), then BPE with merges by rank, byte fallback to <0xHH>, fused <unk>."""
     def __init__(self, path, max_len=64):
-        self.path, self.max_len = path, max_len
+        """path: a tokenizer.json file (or its parsed dict)."""
+        self.path, self.max_len = path if isinstance(path, str) else "<tokenizer dict>", max_len
         try:
-            with open(path, encoding="utf-8") as f:
-                spec = json.load(f)
+            if isinstance(path, dict):
+                spec = path
+            else:
+                with open(path, encoding="utf-8") as f:
+                    spec = json.load(f)
             model = spec["model"]
             if model.get("type") != "BPE":
                 raise ValueError(f"model.type is {model.get('type')!r}, only 'BPE' is supported")
@@ -796,7 +800,7 @@ def gemma_tokenizer_json(words, max_len=64):
                 vocab[word[:i]] = len(vocab)
                 merges.append([word[: i - 1], word[i - 1]])
     eos = {"id": "<eos>", "type_id": 0}
-    return {
+    spec = {
         "version": "1.0",
         "truncation": {"direction": "Right", "max_length": max_len, "strategy": "LongestFirst", "stride": 0},
         "padding": {"strategy": {"Fixed": max_len}, "direction": "Right", "pad_to_multiple_of": None,
@@ -817,6 +821,21 @@ def gemma_tokenizer_json(words, max_len=64):
                   "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
                   "vocab": vocab, "merges": merges},
     }
+    # One word's merges can outrank another's ("at" before "cat" splits "cat" into c + at): join what is left
+    # with extra merges, ranked last, until every word is one token with and without its "\u2581".
+    for _ in range(10):
+        tok = GemmaTokenizer(spec)
+        split = [w for w in ["\u2581" + w for w in words] + list(words) if len(tok._bpe(w)) > 1]
+        if not split:
+            return spec
+        for word in split:
+            pieces = [tok.id_to_token[i] for i in tok._bpe(word)]
+            for i in range(1, len(pieces)):
+                left = "".join(pieces[:i])
+                vocab.setdefault(left + pieces[i], len(vocab))
+                if [left, pieces[i]] not in merges:
+                    merges.append([left, pieces[i]])
+    raise ValueError("gemma_tokenizer_json: could not make every word a single token")
 
 
 def write_tiny_siglip2(path, words, vision=None, text=None, seed=0):
