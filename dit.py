@@ -49,8 +49,8 @@ PRESETS = {
     "DiT-B": dict(hidden_size=768, depth=12, num_heads=12, cond="class"),  # 132.3M
     "DiT-L": dict(hidden_size=1024, depth=24, num_heads=16, cond="class"),  # 460.4M
     "DiT-XL": dict(hidden_size=1152, depth=28, num_heads=16, cond="class"),  # 677.8M
-    # RAE's DiT^DH-XL: the DiT-XL trunk + 2 blocks of width 2048
-    "DiTDH-XL": dict(hidden_size=1152, depth=28, num_heads=16, cond="class", ddt_depth=2, ddt_width=2048, ddt_heads=16),  # 840.4M
+    # RAE's DiT^DH-XL: the DiT-XL trunk + 2 blocks of width 2048 (840.4M)
+    "DiTDH-XL": dict(hidden_size=1152, depth=28, num_heads=16, cond="class", ddt_depth=2, ddt_width=2048, ddt_heads=16),
     # Scale-RAE text-to-image DiTs. 2.4B: the released model (2.435B without our text connector, 2.543B with it).
     "T2I-2.4B": dict(hidden_size=2048, depth=32, num_heads=32, cond="text"),  # 2.543B
     # "9.8B": D 3072 / 48 layers / 48 heads as listed in the repo's training docs, but that counts 8.19B, not 9.8B
@@ -101,7 +101,7 @@ def apply_rope(x, rope):
 
 def fourier_freqs(n=256):
     """Frequencies of the Gaussian Fourier time embedding. The papers draw n ~ N(0, 1) once with a fixed seed; we take
-    the quantiles of |N(0, 1)| instead: the same spectrum, no random state (and sin(-w t) would only repeat sin(w t))."""
+    the quantiles of |N(0, 1)| instead: the same spectrum, no random state (and sin(-w t) only repeats sin(w t))."""
     return torch.special.ndtri(0.5 + 0.5 * (torch.arange(n, dtype=torch.float64) + 0.5) / n).float()  # (n,)
 
 
@@ -129,7 +129,8 @@ class Attention(nn.Module):
 
     def forward(self, x, rope=None):
         B, N, D = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, N, hd)
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads)  # (B, N, 3, H, hd)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x (B, H, N, hd)
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
