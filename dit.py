@@ -10,7 +10,7 @@ Condition: cfg.cond == "text": the text tower's token states (B, T, text_dim) fl
 `drop` (B,) bool swaps a sample's condition for the learned null condition (condition dropout, the CFG branch).
 
     python dit.py                        # parameter count and training FLOPs of every preset, then a smoke test
-    python -m pytest -q test_dit.py      # the tests (CPU, about a minute)
+    python -m pytest -q test_dit.py      # the tests (CPU, under a minute)
 """
 import math
 from dataclasses import dataclass
@@ -49,8 +49,8 @@ PRESETS = {
     "DiT-B": dict(hidden_size=768, depth=12, num_heads=12, cond="class"),  # 132.3M
     "DiT-L": dict(hidden_size=1024, depth=24, num_heads=16, cond="class"),  # 460.4M
     "DiT-XL": dict(hidden_size=1152, depth=28, num_heads=16, cond="class"),  # 677.8M
-    # RAE's DiT^DH-XL: the DiT-XL trunk + 2 blocks of width 2048
-    "DiTDH-XL": dict(hidden_size=1152, depth=28, num_heads=16, cond="class", ddt_depth=2, ddt_width=2048, ddt_heads=16),  # 840.4M
+    # RAE's DiT^DH-XL: the DiT-XL trunk + 2 blocks of width 2048 (840.4M)
+    "DiTDH-XL": dict(hidden_size=1152, depth=28, num_heads=16, cond="class", ddt_depth=2, ddt_width=2048, ddt_heads=16),
     # Scale-RAE text-to-image DiTs. 2.4B: the released model (2.435B without our text connector, 2.543B with it).
     "T2I-2.4B": dict(hidden_size=2048, depth=32, num_heads=32, cond="text"),  # 2.543B
     # "9.8B": D 3072 / 48 layers / 48 heads as listed in the repo's training docs, but that counts 8.19B, not 9.8B
@@ -83,7 +83,8 @@ def sincos_2d(grid, dim):
 
 def rope_2d(grid, head_dim, theta=10000.0):
     """Axial 2-D RoPE table (2, N, head_dim) = (cos, sin). Channel pairs (i, i + head_dim/2) rotate together; the first
-    head_dim/4 pairs by the token's row, the rest by its column, each with frequencies theta^(-k / (head_dim/4))."""
+    head_dim/4 pairs by the token's row, the rest by its column, each with frequencies theta^(-k / (head_dim/4)).
+    (The official code pairs neighbours (2i, 2i + 1): the same up to a fixed permutation of the q, k channels.)"""
     freqs = theta ** (-torch.arange(head_dim // 4, dtype=torch.float64) / (head_dim // 4))  # (hd/4,)
     pos = torch.arange(grid * grid)
     angles = torch.cat([(pos // grid)[:, None] * freqs, (pos % grid)[:, None] * freqs], dim=1)  # (N, hd/2)
@@ -100,8 +101,8 @@ def apply_rope(x, rope):
 
 
 def fourier_freqs(n=256):
-    """Frequencies of the Gaussian Fourier time embedding. The papers draw n ~ N(0, 1) once with a fixed seed; we take
-    the quantiles of |N(0, 1)| instead: the same spectrum, no random state (and sin(-w t) would only repeat sin(w t))."""
+    """Frequencies of the Gaussian Fourier time embedding. The papers draw them from N(0, 1) once, with a fixed seed;
+    we take n quantiles of |N(0, 1)| instead: the same spectrum, no random state (and sin(-w t) only repeats sin(w t))."""
     return torch.special.ndtri(0.5 + 0.5 * (torch.arange(n, dtype=torch.float64) + 0.5) / n).float()  # (n,)
 
 
@@ -129,7 +130,8 @@ class Attention(nn.Module):
 
     def forward(self, x, rope=None):
         B, N, D = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, N, hd)
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads)  # (B, N, 3, H, hd)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x (B, H, N, hd)
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
@@ -312,6 +314,7 @@ class DiT(nn.Module):
         return self.final_layer(h, c)  # (B, N, C)
 
 
+# ----------------------------------------------------------------------------- analytic FLOPs
 def flops(cfg, training=True):
     """Analytic FLOPs per sample: every matmul (2 * tokens * fan_in * fan_out) plus attention (QK^T and AV:
     4 * tokens^2 * width per layer); norms and other elementwise ops are not counted. Training = 3 x forward."""
@@ -369,8 +372,8 @@ def flow_loss(model, z, cond, alpha, p_drop=0.1, generator=None, noise=None):
 
 
 def loss_per_t_bin(per_sample_loss, t, bins=10):
-    """Loss summed per t-bin, and counts: (bins,), (bins,). Sums rather than means so a loop can accumulate them over
-    steps (and all-reduce over ranks) before dividing; the loss at high t is the hard part a shift should balance."""
+    """Loss summed per t-bin, and counts: (bins,), (bins,), a per-noise-level view of training (as minRF logs it).
+    Sums rather than means, so a loop can accumulate them over steps (and all-reduce over ranks) before dividing."""
     idx = (t.detach() * bins).long().clamp(0, bins - 1)  # (B,)
     sums = torch.zeros(bins, device=t.device).index_add_(0, idx, per_sample_loss.detach().float())
     return sums, torch.bincount(idx, minlength=bins)

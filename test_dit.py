@@ -113,6 +113,15 @@ def test_null_drop_changes_exactly_the_dropped_samples(cond):
     assert torch.equal(model(x, t, c, torch.zeros(4, dtype=torch.bool)), v)
 
 
+def test_absolute_positions_tell_identical_tokens_apart():
+    # with the same input at every token and one class condition, attention with RoPE alone is translation-equivariant
+    # and would give every token the same output; the fixed sin-cos positions must break that symmetry
+    model = randomize(tiny("class"))
+    x = torch.randn(2, 1, TINY["in_channels"]).expand(2, TINY["num_tokens"], -1)
+    v = model(x, torch.rand(2), torch.tensor([0, 3]))  # (2, N, C)
+    assert (v - v[:, :1]).abs().amax(dim=2)[:, 1:].min() > 1e-3
+
+
 def test_rope_2d_depends_only_on_grid_offsets():
     torch.manual_seed(0)
     grid, hd = 6, 16
@@ -127,6 +136,8 @@ def test_rope_2d_depends_only_on_grid_offsets():
     assert torch.allclose(score((0, 1), (2, 4)), score((3, 2), (5, 5)), atol=1e-5)  # same offset (2, 3)
     assert torch.allclose(score((4, 0), (1, 1)), score((5, 4), (2, 5)), atol=1e-5)  # same offset (-3, 1)
     assert not torch.allclose(score((0, 1), (2, 4)), score((0, 1), (4, 2)), atol=1e-3)  # offset (2, 3) vs (4, 1)
+    assert not torch.allclose(score((1, 1), (1, 4)), score((1, 1), (1, 2)), atol=1e-3)  # columns alone matter
+    assert not torch.allclose(score((1, 1), (4, 1)), score((1, 1), (2, 1)), atol=1e-3)  # rows alone matter
     assert torch.allclose(apply_rope(q.expand(1, 1, 36, hd), rope).norm(dim=-1), q.norm().expand(1, 1, 36))
 
 
@@ -139,6 +150,21 @@ def test_analytic_flops_equal_torch_flop_counter(kw):
         model(*inputs(model, B=3))
     assert counter.get_total_flops() == 3 * flops(model.cfg, training=False)
     assert flops(model.cfg) == 3 * flops(model.cfg, training=False)
+
+
+def test_bf16_autocast_and_compile_without_graph_breaks():
+    model = randomize(tiny("text", ddt_depth=1, ddt_width=48, ddt_heads=3))
+    x, t, c = inputs(model)
+    drop = torch.tensor([True, False, False, True])
+    v = model(x, t, c, drop)
+    # bf16 autocast (the GPU recipe): dtypes must line up through RoPE, attention and the fp32 residual stream
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        v_bf16 = model(x, t, c, drop)
+    assert v_bf16.dtype == torch.bfloat16
+    assert (v_bf16.float() - v).norm() < 0.05 * v.norm()
+    # no python-side state or data-dependent branches: dynamo captures forward as one graph
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    assert torch.allclose(compiled(x, t, c, drop), v, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- time shift and loss
@@ -277,7 +303,8 @@ def test_dit_learns_per_condition_gaussians(cond):
     """Three Gaussian clusters (per-token means ~ N(0, 1), so about 1.4 apart in RMS; spreads 0.1, 0.3, 0.5), chosen by
     a class id or by a fixed random 'text' (3 token states per class). After 400 AdamW steps, 300 samples per condition
     (Heun, 16 steps) must have a per-condition mean within 0.1 of the truth (RMS over the 4 x 8 elements) and a spread
-    (per-element std, averaged) within 20% of the truth. An untrained model (mean error ~1) or one that ignores the condition fails by far."""
+    (per-element std, averaged) within 20% of the truth. An untrained model (mean error ~1) or one that ignores the
+    condition fails by far."""
     torch.manual_seed(0)
     K, N, C = 3, 4, 8
     mu, sigma, text = torch.randn(K, N, C), torch.tensor([0.1, 0.3, 0.5]), torch.randn(K, 3, 16)
