@@ -11,6 +11,7 @@ toy-world prompts, the toy GenEval accuracies.
 """
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -30,6 +31,7 @@ def parse_args(argv=None):
     p.add_argument("--ckpt", help="a train_dit.py run folder or its dit.safetensors")
     p.add_argument("--decoder", help="decoder.safetensors (train_decoder.py); without it only latents are saved")
     p.add_argument("--encoder", help="SigLIP-2 snapshot folder (default: the one the DiT was trained with)")
+    p.add_argument("--vae", help="FLUX VAE for a --latent vae DiT (default: the one it was trained with)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts", help="a text file with one prompt per line")
     p.add_argument("--n", type=int, default=1, help="samples per prompt")
@@ -87,8 +89,12 @@ def main(args):
     alpha = float(meta["alpha"])
     stats = rae.load_latent_stats(meta["stats"], cfg.in_channels) if meta.get("stats") else None
     ae = rae.RAE(siglip.vision, rae.load_decoder(args.decoder, device) if args.decoder else None, stats).to(device)
-    if meta.get("latent") == "vae" and args.decoder:
-        raise SystemExit("this DiT was trained on FLUX VAE latents: decode with vae.py, not an RAE decoder")
+    decode = ae.decode if args.decoder else None  # latents (B, N, C) -> pixels (B, 3, H, W)
+    if meta.get("latent") == "vae":  # the FLUX VAE baseline: tokens -> (B, 16, h, w) -> VAE decoder
+        import vae as vae_mod
+        flux = vae_mod.load_flux_vae(args.vae or meta.get("vae"), device=device)
+        h = 2 * math.isqrt(cfg.num_tokens)
+        decode = lambda z: flux.decode(vae_mod.unpatchify(z, h, h))
 
     # sample in batches: prompt i repeated n times, the noise a function of --seed only
     todo = [p for p in prompts for _ in range(args.n)]
@@ -119,11 +125,11 @@ def main(args):
             logits = siglip.logits(img_emb, txt_emb).diagonal()
         for p, s in zip(todo, logits.tolist()):
             print(f"siglip logit {s:7.3f}  {p}")
-    if ae.decoder is None:
-        print(f"no --decoder: saved latents only" if args.save_latents else "no --decoder given: nothing to draw")
+    if decode is None:
+        print("no --decoder: saved latents only" if args.save_latents else "no --decoder given: nothing to draw")
         return
     with torch.no_grad(), autocast:
-        img = torch.cat([ae.decode(b).float() for b in z.split(args.batch)]).clamp(-1, 1)  # (B, 3, H, W)
+        img = torch.cat([decode(b).float() for b in z.split(args.batch)]).clamp(-1, 1)  # (B, 3, H, W)
     for k, im in enumerate(img):
         data.save_image_grid(os.path.join(args.out, f"{k:04d}.png"), im[None], None)
     data.save_image_grid(os.path.join(args.out, "grid.png"), img, todo, columns=args.n)

@@ -158,3 +158,18 @@ def test_sample_writes_images_grid_latents_and_scores(decoder_run, dit_run, tmp_
 def test_sample_cli_errors(argv, message):
     r = run("sample.py", *argv, check=False)
     assert r.returncode != 0 and message in r.stderr
+
+
+def test_vae_latent_baseline_trains_and_samples(tmp_path):
+    """--latent vae: FLUX VAE latents 2x2-patchified to 256 tokens x 64, alpha = 2 from the shape; sample.py decodes
+    them with the same VAE (here a tiny random one in the BFL file format)."""
+    import vae
+    ae = str(tmp_path / "ae.safetensors")
+    vae.write_tiny_flux_vae(ae)
+    out = str(tmp_path / "vae_dit")
+    r = run("train_dit.py", *DIT, "--steps", "2", "--latent", "vae", "--vae", ae, "--out", out)
+    assert "latent vae 256 x 64, alpha 2.000" in r.stdout
+    assert load_file(os.path.join(out, "dit.safetensors"))["x_embedder.weight"].shape[1] == 64
+    run("sample.py", "--ckpt", out, "--prompt", "a red circle", "--steps", "2", "--out", str(tmp_path / "s"))
+    from PIL import Image
+    assert Image.open(tmp_path / "s" / "0000.png").size == (256, 256)

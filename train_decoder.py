@@ -215,8 +215,8 @@ def main(args):
     decoder = rae.Decoder(cfg).to(device)
     ema = copy.deepcopy(decoder).requires_grad_(False)
     disc = Discriminator(encoder, taps).to(device)
-    opt = torch.optim.AdamW(decoder.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    opt_d = torch.optim.AdamW(disc.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    opt = torch.optim.AdamW(decoder.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
     if master:
         print(f"decoder {args.decoder}: {sum(p.numel() for p in decoder.parameters()) / 1e6:.1f}M params, "
               f"latents {cfg.num_tokens} x {cfg.latent_dim}, images {size}px, world {world}, device {device}")

@@ -229,7 +229,8 @@ def main(args):
         train_model = model
     if args.compile:
         train_model = torch.compile(train_model)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.wd)
+    # fused: one kernel for all parameters (the per-parameter loop was ~17% of a CPU step); betas as Scale-RAE's DiT
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.wd, fused=True)
 
     # checkpoints: full state dicts on rank 0 (gathered from shards under FSDP2)
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
