@@ -92,21 +92,27 @@ def plan(args):
     cfg = dit.DiTConfig(**dit.PRESETS[args.model])
     with torch.device("meta"):
         n = sum(p.numel() for p in dit.DiT(cfg).parameters())
-    per_gpu = args.batch / args.gpus
-    D, L, N = cfg.hidden_size, cfg.depth, cfg.num_tokens + (cfg.text_len if cfg.cond == "text" else 0)
-    # activations kept for backward per sample, bf16: ~34 N D bytes per block (attention via SDPA, no N^2 term)
-    act = 34 * N * D * (L + cfg.connector_depth) * per_gpu / 2**30
-    act_ckpt = (2 * N * D * (L + cfg.connector_depth) + 34 * N * D) * per_gpu / 2**30  # block inputs + one block
+    per_gpu = args.batch / args.gpus / args.grad_accum  # samples per micro-batch: what activations scale with
+    D, L, N = cfg.hidden_size, cfg.depth + cfg.ddt_depth, cfg.num_tokens
+    text = cfg.cond == "text"
+    # activations kept for backward, bf16, per sample and block: ~34 N D bytes (Korthikanti et al. 2022, with
+    # SDPA so no N^2 term), plus 12 N D for the per-token adaLN modulations (6 D per token) in text mode; the
+    # connector's blocks run over T + N tokens. Checkpointing keeps each block's input (2 N D) and one block live.
+    per_block = (34 + 12 * text) * N * D
+    conn = 34 * (cfg.text_len + N) * D * cfg.connector_depth if text else 0
+    act = (per_block * L + conn) * per_gpu / 2**30
+    act_ckpt = (2 * N * D * L + per_block + conn) * per_gpu / 2**30
     state = 16 * n / 2**30  # fp32 params 4 + grads 4 + Adam m, v 8 bytes
     ema = 4 * n / 2**30
-    flops = dit.flops(cfg) * args.batch
     print(f"{args.model}: {n / 1e9:.3f}B params, {dit.flops(cfg) / 1e12:.2f} TFLOPs/sample (fwd+bwd), "
-          f"{flops / 1e15:.2f} PFLOPs/step at global batch {args.batch}, {per_gpu:g} samples/GPU")
-    print(f"{'GiB per GPU':24s} {'params+grads+Adam':>18s} {'EMA':>6s} {'activations':>12s} {'act. w/ ckpt':>13s} {'total (ckpt)':>13s}")
+          f"{dit.flops(cfg) * args.batch / 1e15:.2f} PFLOPs/step at global batch {args.batch}, {per_gpu:g} samples/GPU "
+          f"per micro-batch")
+    print(f"{'GiB per GPU':12s} {'params+grads+Adam':>18s} {'EMA':>6s} {'activations':>12s} {'act. ckpt':>10s} "
+          f"{'total':>7s} {'total ckpt':>11s}")
     for name, shard in (("DDP", 1), (f"FSDP2 x{args.gpus}", args.gpus)):
-        total = state / shard + ema / shard + act_ckpt
-        print(f"{name:24s} {state / shard:18.1f} {ema / shard:6.1f} {act:12.1f} {act_ckpt:13.1f} {total:13.1f}"
-              f"{'' if total < args.gpu_mem else '  > ' + str(args.gpu_mem) + ' GiB'}")
+        fixed = (state + ema) / shard
+        print(f"{name:12s} {state / shard:18.1f} {ema / shard:6.1f} {act:12.1f} {act_ckpt:10.1f} {fixed + act:7.1f} "
+              f"{fixed + act_ckpt:11.1f}{'' if fixed + act_ckpt < args.gpu_mem else f'  > {args.gpu_mem:g} GiB even with ckpt'}")
 
 
 # ----------------------------------------------------------------------------- training
