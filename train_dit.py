@@ -274,13 +274,14 @@ def main(args):
     decoder = rae.load_decoder(args.decoder, device) if args.decoder and args.latent == "rae" else None
 
     def sample_grid():
-        """Fixed prompts -> EMA samples -> PNG (decoded when a decoder is given); rank 0 only."""
+        """Fixed prompts -> EMA samples -> PNG (decoded when a decoder is given). Under FSDP2 every rank runs the
+        sharded EMA forward (its all-gathers need them all); only rank 0 writes."""
         g = torch.Generator(device).manual_seed(args.seed)
         noise = torch.randn(len(prompts), N, C, generator=g, device=device)
         cond = frozen.text(prompts) if cfg.cond == "text" else torch.arange(len(prompts), device=device) % cfg.num_classes
         with autocast:
             z = dit.sample(ema, noise, cond, alpha, steps=25, cfg=args.cfg)
-        if decoder is None:
+        if decoder is None or not master:
             return
         img = decoder(frozen.rae.unnormalize(z.float())).clamp(-1, 1)  # (B, 3, H, W)
         data.save_image_grid(os.path.join(args.out, f"samples_{step:06d}.png"), img, prompts)
@@ -345,7 +346,7 @@ def main(args):
             t0, seen = time.time(), 0
         if step % args.save_every == 0 or step == args.steps:
             save()
-        if args.sample_every and step % args.sample_every == 0 and master and not args.fsdp:
+        if args.sample_every and step % args.sample_every == 0 and (master or args.fsdp):
             sample_grid()
 
     if stop["signal"] is not None:
