@@ -266,7 +266,13 @@ def main(args):
     bad = data.BadSampleCounter()
     log = open(os.path.join(args.out, "metrics.jsonl"), "a") if master else None
     t0, seen = time.time(), 0
-    while step < args.steps and stop["signal"] is None:
+    def stopping():  # all ranks stop at the same step, even if the signal reached them at different times
+        flag = torch.tensor([stop["signal"] is not None], dtype=torch.int32, device=device)
+        if ddp:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    while step < args.steps and not stopping():
         epoch, consumed, batch = next(batches)
         bad.update(batch.get("bad", {}))
         img = batch["img"].to(device, non_blocking=True)
@@ -322,10 +328,10 @@ def main(args):
         if step % args.save_every == 0 or step == args.steps:
             save()
 
-    if stop["signal"] is not None:
+    if step < args.steps:  # stopped by a signal (on this rank or another)
         save()
         if master:
-            print(f"signal {stop['signal']}: saved step {step} to {ckpt_path}; rerun with --resume to continue")
+            print(f"stop signal: saved step {step} to {ckpt_path}; rerun with --resume to continue")
     elif master:
         print(f"done: {args.out}/decoder.safetensors" + (f", held-out PSNR {evaluate():.2f} dB" if val_img is not None else ""))
         if bad.total():

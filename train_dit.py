@@ -293,7 +293,13 @@ def main(args):
     log = open(os.path.join(args.out, "metrics.jsonl"), "a") if master else None
     bins_sum, bins_n = torch.zeros(10, device=device), torch.zeros(10, device=device)
     t0, seen = time.time(), 0
-    while step < args.steps and stop["signal"] is None:
+    def stopping():  # all ranks stop at the same step, even if the signal reached them at different times
+        flag = torch.tensor([stop["signal"] is not None], dtype=torch.int32, device=device)
+        if ddp:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    while step < args.steps and not stopping():
         epoch, consumed, batch = next(batches)
         bad.update(batch.get("bad", {}))
         lr = lr_at(step, args)
@@ -349,10 +355,10 @@ def main(args):
         if args.sample_every and step % args.sample_every == 0 and (master or args.fsdp):
             sample_grid()
 
-    if stop["signal"] is not None:
+    if step < args.steps:  # stopped by a signal (on this rank or another)
         save()
         if master:
-            print(f"signal {stop['signal']}: saved step {step} to {ckpt_path}; rerun with --resume to continue")
+            print(f"stop signal: saved step {step} to {ckpt_path}; rerun with --resume to continue")
     if master and bad.total():
         print(f"skipped bad samples: {bad}")
     if ddp:
