@@ -17,7 +17,16 @@ from safetensors.torch import load_file, save_file
 
 import rae
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_grad():
+    """Every test here is inference; scoped to this module (a bare set_grad_enabled(False) at import time would leak
+    into every other test file pytest collects after it)."""
+    with torch.no_grad():
+        yield
+
+
 TINY_VISION = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                    image_size=56, patch_size=14)
 TINY_TEXT = dict(vocab_size=300, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
