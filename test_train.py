@@ -5,6 +5,7 @@ demand bitwise-equal weights: each process uses one thread (OMP_NUM_THREADS=1) s
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -144,6 +145,103 @@ def test_train_dit_fsdp_resume(dit_run, tmp_path):
 def test_train_dit_planner():
     r = run("train_dit.py", "--plan", "--model", "T2I-2.4B", "--gpus", "8", "--batch", "1024")
     assert "2.5" in r.stdout.split("B params")[0] and "FSDP2 x8" in r.stdout
+
+
+# ----------------------------------------------------------------------------- stage 2 from a latent cache
+def test_train_dit_cache_latents(tmp_path):
+    """--cache-latents: 2 ranks encode disjoint slices into their own shards, rank 0 writes the manifest; training
+    from the cache gives the uncached run's losses (the toy world is never flipped); a second run reuses the
+    shards without encoding; a manifest that does not match the run is a one-line error naming file and field."""
+    toy = [*DIT, "--steps", "2", "--max-samples", "40"]  # 40 samples: 5 global batches of 8
+    cache = str(tmp_path / "cache")
+    run("train_dit.py", *toy, "--out", str(tmp_path / "ref"))
+    torchrun("train_dit.py", *toy, "--out", str(tmp_path / "a"), "--cache-latents", cache)
+    manifest = json.load(open(os.path.join(cache, "manifest.json")))
+    assert [s["count"] for s in manifest["shards"]] == [20, 20] and manifest["count"] == 40
+    assert (manifest["latent"], manifest["N"], manifest["C"], manifest["text"]) == ("rae", 256, 128, [64, 128])
+    assert sorted(os.listdir(cache)) == ["manifest.json", *(f"shard_00{r}_00000.safetensors" for r in (0, 1))]
+    z = load_file(os.path.join(cache, "shard_001_00000.safetensors"))["z"]
+    assert z.shape == (20, 256, 128) and z.dtype == torch.float32
+    ref = [r["loss"] for r in metrics(tmp_path / "ref")]
+    assert max(abs(a - b["loss"]) for a, b in zip(ref, metrics(tmp_path / "a"))) <= 1e-5
+    mtimes = {f: os.stat(os.path.join(cache, f)).st_mtime_ns for f in os.listdir(cache)}
+    r = run("train_dit.py", *toy, "--out", str(tmp_path / "b"), "--cache-latents", cache)
+    assert "encoding the dataset" not in r.stdout and "training from 40 cached samples in 2 shards" in r.stdout, r.stdout
+    assert "step 2 loss" in r.stdout  # the metrics lines still print where the tqdm bar is off (not a terminal)
+    assert {f: os.stat(os.path.join(cache, f)).st_mtime_ns for f in os.listdir(cache)} == mtimes
+    assert max(abs(a - b["loss"]) for a, b in zip(ref, metrics(tmp_path / "b"))) <= 1e-5
+    manifest["N"] = 999
+    json.dump(manifest, open(os.path.join(cache, "manifest.json"), "w"))
+    r = run("train_dit.py", *toy, "--out", str(tmp_path / "c"), "--cache-latents", cache, check=False)
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith(  # one line, as a bad --resume ckpt
+        f"ValueError: {cache}/manifest.json: field 'N' is 999 in the manifest but 256 in this run (delete {cache} ")
+
+
+def test_latent_cache_shards_round_trip(tmp_path):
+    """encode_latents on 2 ranks with 4-sample shards, write_manifest, LatentCache: every sample back in dataset
+    order (exact in float32, bfloat16-rounded in bfloat16), batches through infinite_batches, and each way a cache
+    can be wrong (fields, count, a missing shard) is a one-line error naming the manifest."""
+    import data
+    world = data.ToyWorld(size=28, length=11)
+
+    def encode(batch):  # a stand-in for the frozen towers: (B, 3, 28, 28) -> z (B, 4, 3), "text" (B, 2, 5)
+        z = torch.nn.functional.avg_pool2d(batch["img"], 14).flatten(2).transpose(1, 2)
+        return dict(z=z, text=z[:, :2, :1].expand(-1, -1, 5) + 1)
+
+    for dtype in (torch.float32, torch.bfloat16):
+        folder = str(tmp_path / str(dtype))
+        parts = [data.encode_latents(world, folder, encode, rank, 2, batch_size=3, dtype=dtype, shard_size=4)
+                 for rank in range(2)]
+        assert [[s["count"] for s in p["shards"]] for p in parts] == [[4, 1], [4, 2]]  # slices [0, 5) and [5, 11)
+        open(os.path.join(folder, "shard_002_00000.safetensors"), "w").close()  # left by an interrupted encode
+        fields = dict(latent="toy", N=4, C=3, dtype=str(dtype))
+        data.write_manifest(folder, fields, parts)
+        assert not os.path.exists(os.path.join(folder, "shard_002_00000.safetensors"))
+        ds = data.LatentCache(folder, fields)
+        want = encode(data.collate([world[i] for i in range(11)]))
+        assert len(ds) == 11 and [ds[i]["caption"] for i in range(11)] == [world[i]["caption"] for i in range(11)]
+        for key in ("z", "text"):
+            got = torch.stack([ds[i][key] for i in range(11)])
+            assert got.dtype == torch.float32 and torch.equal(got, want[key].to(dtype).float())
+        _, _, batch = next(data.infinite_batches(ds, 4, rank=1, world_size=2))
+        assert batch["z"].shape == (4, 4, 3) and batch["text"].shape == (4, 2, 5) and len(batch["caption"]) == 4
+
+    manifest = os.path.join(folder, "manifest.json")
+    with pytest.raises(ValueError, match="^" + re.escape(f"{manifest}: field 'N' is 4 in the manifest but 256 in ")):
+        data.LatentCache(folder, dict(fields, N=256))
+    m = json.load(open(manifest))
+    json.dump(dict(m, count=12), open(manifest, "w"))
+    with pytest.raises(ValueError, match="^" + re.escape(f"{manifest}: field 'count' is 12 but its shard list holds 11")):
+        data.LatentCache(folder)
+    json.dump(m, open(manifest, "w"))
+    os.remove(os.path.join(folder, "shard_001_00001.safetensors"))
+    with pytest.raises(ValueError, match="shard_001_00001.safetensors: no such file"):
+        data.LatentCache(folder)
+
+
+def test_connector_lr_param_groups():
+    """--connector-lr: dit.py's text connector in its own param group, following the same warmup + cosine scaled
+    to its own peak; without the flag one group, as before."""
+    import dit
+    import train_dit
+    torch.manual_seed(0)
+    model = dit.DiT(dit.DiTConfig(**dit.PRESETS["toy"]))
+    args = train_dit.parse_args(["--preset", "toy", "--connector-lr", "3e-3"])  # toy: lr 1e-3, warmup 100, 2000 steps
+    opt = train_dit.make_optimizer(model, args)
+    names = {id(p): k for k, p in model.named_parameters()}
+    trunk, conn = ({names[id(p)] for p in g["params"]} for g in opt.param_groups)
+    assert [g["name"] for g in opt.param_groups] == ["dit", "connector"]
+    assert {k.split(".")[0] for k in conn} == {"text_proj", "queries", "connector", "text_norm", "text_out"}
+    assert trunk | conn == set(names.values()) and not trunk & conn
+    lrs = []
+    for step in (0, 49, 99, 100, 1000, 1999):  # warmup, peak, cosine
+        lrs.append(train_dit.set_lr(opt, step, args))
+        assert [g["lr"] for g in opt.param_groups] == pytest.approx([lrs[-1], 3 * lrs[-1]])
+    assert lrs == pytest.approx([1e-5, 5e-4, 1e-3, 1e-3, 5.41e-4, 6.83e-10], rel=1e-2)
+    one = train_dit.make_optimizer(model, train_dit.parse_args(["--preset", "toy"]))
+    assert len(one.param_groups) == 1 and len(one.param_groups[0]["params"]) == len(names)
+    with pytest.raises(SystemExit):
+        train_dit.parse_args(["--preset", "toy", "--class-cond", "--connector-lr", "1e-4"])
 
 
 # ----------------------------------------------------------------------------- sampling

@@ -9,6 +9,8 @@ alpha = sqrt(N * C / 4096) is computed from the latent shape. One script for one
     torchrun --nproc_per_node=8 train_dit.py --latent rae --encoder ckpt/siglip2-so400m-patch14-224 --data ...
     torchrun --nproc_per_node=8 train_dit.py --model T2I-2.4B --fsdp --grad-ckpt ...   # multi-billion presets
     python train_dit.py --plan --model T2I-2.4B --gpus 8 --batch 1024               # memory / FLOPs planner
+    python train_dit.py --preset toy --max-samples 2000 --cache-latents runs/toy_cache  # encode once, train from it
+    torchrun --nproc_per_node=8 train_dit.py ... --cache-latents /data/cache/so400m    # ranks encode disjoint slices
 
 Writes to --out: metrics.jsonl, samples_*.png, ckpt.pt (--resume continues exactly; SIGTERM/SIGUSR1 save and
 exit 0) and dit.safetensors (EMA weights + config + latent description, for sample.py).
@@ -20,6 +22,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -28,11 +31,13 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 import data
 import dit
 import rae
 
+CONNECTOR = ("text_", "queries", "connector")  # parameter-name prefixes of the DiT's text connector
 TOY = dict(data="toy", model="toy", batch=32, steps=2000, lr=1e-3, warmup=100, ema=0.995, log_every=50,
            save_every=500, sample_every=500, workers=0, out="runs/toy_dit", cfg=3.0)
 
@@ -47,12 +52,18 @@ def parse_args(argv=None):
     p.add_argument("--decoder", help="decoder.safetensors from train_decoder.py, to decode the sample grids")
     p.add_argument("--data", help="'toy', an image folder, class folders, or .tar shards")
     p.add_argument("--class-cond", action="store_true", help="condition on class ids (class-folder datasets)")
+    p.add_argument("--max-samples", type=int, default=0, help="only the first N samples (toy, folders; 0: all)")
+    p.add_argument("--cache-latents", metavar="DIR", help="encode the data once into DIR (safetensors shards of latents "
+                   "and text states) and train from it; later runs reuse DIR. The latents are fixed: no random flip")
+    p.add_argument("--cache-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="storage of --cache-latents: bfloat16 halves the disk and rounds values by up to 2^-8 relative")
     p.add_argument("--model", default="T2I-2.4B", choices=list(dit.PRESETS), help="DiT preset")
     p.add_argument("--out", default="runs/dit", help="output folder")
     p.add_argument("--steps", type=int, default=60_000, help="optimizer steps")
     p.add_argument("--batch", type=int, default=1024, help="global batch size (split over ranks and accumulation)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, default=5.65e-4, help="peak learning rate (Scale-RAE's DiT lr)")
+    p.add_argument("--connector-lr", type=float, help="peak lr of the text connector, same schedule (default: --lr)")
     p.add_argument("--min-lr", type=float, default=0.0, help="end of the cosine schedule")
     p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine", help="after warmup")
     p.add_argument("--warmup", type=int, default=800, help="linear warmup steps")
@@ -83,6 +94,9 @@ def parse_args(argv=None):
         p.error(f"--steps, --batch and --grad-accum must be positive (got {args.steps}, {args.batch}, {args.grad_accum})")
     if not args.plan and args.data is None:
         p.error("--data is required (or use --preset toy)")
+    if args.class_cond and args.connector_lr is not None:
+        p.error("--connector-lr: class conditioning has no text connector")
+    args.connector_lr = args.lr if args.connector_lr is None else args.connector_lr
     return args
 
 
@@ -123,6 +137,24 @@ def lr_at(step, args):
         return args.lr
     progress = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
     return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model, args):
+    """AdamW, betas as Scale-RAE's DiT. With --connector-lr the text connector (dit.py's text_proj, queries,
+    connector, text_norm, text_out) is a second param group; the default keeps one group, as older checkpoints have."""
+    conn = [p for k, p in model.named_parameters() if k.startswith(CONNECTOR)] if args.connector_lr != args.lr else []
+    rest = [p for k, p in model.named_parameters() if not (conn and k.startswith(CONNECTOR))]
+    groups = [dict(params=rest, name="dit")] + ([dict(params=conn, name="connector")] if conn else [])
+    # fused: one kernel for all parameters (the per-parameter loop was ~17% of a CPU step)
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.wd, fused=True)
+
+
+def set_lr(opt, step, args):
+    """The schedule at this step; the connector's group follows it scaled to its own peak."""
+    lr = lr_at(step, args)
+    for group in opt.param_groups:
+        group["lr"] = lr * (args.connector_lr / args.lr if group.get("name") == "connector" else 1.0)
+    return lr
 
 
 def per_sample_noise(seed, step, indices, shape, alpha, p_drop, device):
@@ -170,6 +202,11 @@ class Latents:
         with self.bf16:
             return self.siglip.text(self.siglip.tokenizer(captions).to(self.device)).float()
 
+    def encode(self, class_cond, batch):
+        """A collated batch -> what --cache-latents stores: z (B, N, C) and text states (B, T, Dt) or labels (B,)."""
+        z = self.images(batch["img"].to(self.device))
+        return dict(z=z, label=batch["label"]) if class_cond else dict(z=z, text=self.text(batch["caption"]))
+
 
 def main(args):
     if args.plan:
@@ -196,10 +233,20 @@ def main(args):
 
     # frozen models and data
     frozen = Latents(args, device)
-    train_set = data.build_dataset(args.data, frozen.size, rank, world, seed=args.seed)
     z_probe = frozen.images(torch.zeros(1, 3, frozen.size, frozen.size, device=device))  # (1, N, C)
     N, C = z_probe.shape[1:]
     alpha = dit.shift_alpha(N, C)  # from the latent shape, never hard-coded
+    build = functools.partial(data.build_dataset, args.data, frozen.size, rank, world, args.seed, limit=args.max_samples)
+    if args.cache_latents:  # what is cached, and why text states rather than token ids: data.py, "latent cache"
+        text = None if args.class_cond else list(frozen.siglip.text.pos_embed.shape)  # (T, Dt)
+        fields = dict(latent=args.latent, N=N, C=C, text=text, encoder=args.encoder or "toy", vae=args.vae,
+                      stats=args.stats, data=args.data, max_samples=args.max_samples, size=frozen.size,
+                      dtype=args.cache_dtype)  # what a later run must match to reuse DIR
+        encode = functools.partial(frozen.encode, args.class_cond)
+        train_set = data.latent_cache(args.cache_latents, fields, build, encode, rank, world, args.batch // world,
+                                      args.workers, getattr(torch, args.cache_dtype))
+    else:
+        train_set = build()
 
     # trainable model + EMA
     preset = dict(dit.PRESETS[args.model])
@@ -235,8 +282,7 @@ def main(args):
         train_model = model
     if args.compile:
         train_model = torch.compile(train_model)
-    # fused: one kernel for all parameters (the per-parameter loop was ~17% of a CPU step); betas as Scale-RAE's DiT
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.wd, fused=True)
+    opt = make_optimizer(model, args)
 
     # checkpoints: full state dicts on rank 0 (gathered from shards under FSDP2)
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
@@ -293,6 +339,8 @@ def main(args):
     log = open(os.path.join(args.out, "metrics.jsonl"), "a") if master else None
     bins_sum, bins_n = torch.zeros(10, device=device), torch.zeros(10, device=device)
     t0, seen = time.time(), 0
+    # the bar only on rank 0 and only on a terminal (disable=None): a log file gets the metrics lines, not a bar
+    bar = tqdm(total=args.steps, initial=step, disable=None if master else True, dynamic_ncols=True)
     def stopping():  # all ranks stop at the same step, even if the signal reached them at different times
         flag = torch.tensor([stop["signal"] is not None], dtype=torch.int32, device=device)
         if ddp:
@@ -302,12 +350,12 @@ def main(args):
     while step < args.steps and not stopping():
         epoch, consumed, batch = next(batches)
         bad.update(batch.get("bad", {}))
-        lr = lr_at(step, args)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        img = batch["img"].to(device, non_blocking=True)
-        z = frozen.images(img)  # (b, N, C)
-        cond = frozen.text(batch["caption"]) if cfg.cond == "text" else batch["label"].to(device)
+        lr = set_lr(opt, step, args)
+        if "z" in batch:  # --cache-latents: latents and text states were encoded once, no frozen tower runs here
+            z, cond = batch["z"].to(device, non_blocking=True), batch.get("text", batch.get("label")).to(device)
+        else:
+            z = frozen.images(batch["img"].to(device, non_blocking=True))  # (b, N, C)
+            cond = frozen.text(batch["caption"]) if cfg.cond == "text" else batch["label"].to(device)
         loss_sum = torch.zeros((), device=device)
         for m in range(args.grad_accum):  # gradient accumulation that really accumulates: one step, one clip
             sl = slice(m * micro, (m + 1) * micro)
@@ -333,6 +381,8 @@ def main(args):
                 e.lerp_(p, 1 - args.ema)
         step += 1
         seen += args.batch
+        bar.set_postfix(loss=f"{loss_sum.item():.4f}", refresh=False)
+        bar.update()
 
         if step % args.log_every == 0 or step == args.steps:
             if ddp:
@@ -345,8 +395,9 @@ def main(args):
                            loss_per_t_bin=[round(v, 4) for v in (bins_sum / bins_n.clamp_min(1)).tolist()])
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
-                print(f"step {step} loss {rec['loss']:.4f} lr {lr:.3g} grad {rec['grad_norm']:.3g} "
-                      f"{rec['samples_per_s']:.1f} samples/s", flush=True)
+                tqdm.write(f"step {step} loss {rec['loss']:.4f} lr {lr:.3g} grad {rec['grad_norm']:.3g} "
+                           f"{rec['samples_per_s']:.1f} samples/s")  # above the bar, which stays at the bottom
+                sys.stdout.flush()  # tqdm.write does not: a cluster's log file would get these lines in bursts
             bins_sum.zero_()
             bins_n.zero_()
             t0, seen = time.time(), 0
@@ -355,6 +406,7 @@ def main(args):
         if args.sample_every and step % args.sample_every == 0 and (master or args.fsdp):
             sample_grid()
 
+    bar.close()
     if step < args.steps:  # stopped by a signal (on this rank or another)
         save()
         if master:
