@@ -20,7 +20,7 @@ import re
 import sys
 import urllib.error
 import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -275,6 +275,8 @@ class Decoder(nn.Module):
         D, g = cfg.hidden_size, math.isqrt(cfg.num_tokens)
         if g * g != cfg.num_tokens:
             raise ValueError(f"decoder num_tokens must be a square grid, got {cfg.num_tokens}")
+        if cfg.hidden_size % cfg.num_heads:
+            raise ValueError(f"decoder hidden_size {cfg.hidden_size} is not divisible by num_heads {cfg.num_heads}")
         self.embed = nn.Linear(cfg.latent_dim, D)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))  # zero-init, as in RAE
         self.register_buffer("pos_embed", self.pos_table(), persistent=False)  # fixed: rebuilt, never loaded
@@ -346,14 +348,26 @@ def save_latent_stats(path, stats):
     save_file({k: v.contiguous() for k, v in stats.items()}, path)
 
 
-def load_latent_stats(path, channels):
+def load_latent_stats(path, channels, tokens=None):
+    """{"mean", "var"} written by `save_latent_stats`, checked against the latent (N = tokens, C = channels) it will
+    standardize: a stats file of another encoder or resolution fails here, not as a broadcast error mid-run."""
     stats = read_safetensors(path)
-    for key in ("mean", "var"):
+    shapes = f"({channels},) or ({tokens or 'N'}, {channels})"
+    for key in sorted(set(stats) | {"mean", "var"}):
+        if key not in ("mean", "var"):
+            raise ValueError(f"{path}: unexpected key '{key}' (expected 'mean' and 'var')")
         if key not in stats:
             raise ValueError(f"{path}: missing key '{key}' (expected 'mean' and 'var')")
-        if stats[key].shape[-1] != channels or stats[key].ndim not in (1, 2):
-            raise ValueError(f"{path}: key '{key}' has shape {tuple(stats[key].shape)}, expected ({channels},) "
-                             f"or (N, {channels})")
+        t = stats[key]
+        if t.ndim not in (1, 2) or t.shape[-1] != channels or (t.ndim == 2 and tokens and t.shape[0] != tokens):
+            raise ValueError(f"{path}: key '{key}' has shape {tuple(t.shape)}, expected {shapes}")
+        if not t.is_floating_point():
+            raise ValueError(f"{path}: key '{key}' has dtype {t.dtype}, expected a floating-point tensor")
+        if not torch.isfinite(t).all() or (key == "var" and (t < 0).any()):
+            raise ValueError(f"{path}: key '{key}' has {'negative' if torch.isfinite(t).all() else 'non-finite'} entries")
+    if stats["mean"].shape != stats["var"].shape:
+        raise ValueError(f"{path}: key 'mean' has shape {tuple(stats['mean'].shape)} but 'var' has "
+                         f"{tuple(stats['var'].shape)}")
     return stats
 
 
@@ -361,39 +375,41 @@ def load_latent_stats(path, channels):
 class GemmaTokenizer:
     """Pure-Python BPE equal to HF `tokenizers` on a Gemma tokenizer.json: added tokens split first, then
     the normalizer (" " -> "\u2581"), then BPE with merges by rank, byte fallback to <0xHH>, fused <unk>."""
-    def __init__(self, path, max_len=64):
-        """path: a tokenizer.json file (or its parsed dict)."""
+    def __init__(self, path, max_len=64, vocab_size=None):
+        """path: a tokenizer.json file (or its parsed dict); vocab_size: the text tower's embedding rows, if known."""
         self.path, self.max_len = path if isinstance(path, str) else "<tokenizer dict>", max_len
+        self.vocab_size = vocab_size
         try:
             if isinstance(path, dict):
                 spec = path
             else:
                 with open(path, encoding="utf-8") as f:
                     spec = json.load(f)
-            model = spec["model"]
-            if model.get("type") != "BPE":
-                raise ValueError(f"model.type is {model.get('type')!r}, only 'BPE' is supported")
-            self.vocab = model["vocab"]
-            merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: not a readable tokenizer.json ({type(e).__name__}: {e})") from None
+        model, merges, added = self._check(spec)
+        self.vocab = model["vocab"]
         # rank of each mergeable pair, and the token it makes (that token must exist in the vocab)
         self.merges = {(a, b): (rank, a + b) for rank, (a, b) in enumerate(merges)}
         for (a, b), (_, ab) in self.merges.items():
             if ab not in self.vocab:
-                raise ValueError(f"{path}: merge {a!r} + {b!r} makes {ab!r}, which is not in the vocab")
+                raise ValueError(f"{self.path}: merge {a!r} + {b!r} makes {ab!r}, which is not in the vocab")
         self.byte_fallback = model.get("byte_fallback", False)
         self.fuse_unk = model.get("fuse_unk", False)
         self.unk = model.get("unk_token")
         self.ignore_merges = model.get("ignore_merges", False)
         self.id_to_token = {i: t for t, i in self.vocab.items()}
-        self.normalizers = self._flatten(spec.get("normalizer"), "normalizer")
-        self.split = self._pre_tokenizer(spec.get("pre_tokenizer"))
-        self.added = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+        try:
+            self.normalizers = self._flatten(spec.get("normalizer"), "normalizer")
+            self.split = self._pre_tokenizer(spec.get("pre_tokenizer"))
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{self.path}: key 'normalizer' or 'pre_tokenizer' is malformed "
+                             f"({type(e).__name__}: {e})") from None
+        self.added = {t["content"]: t["id"] for t in added}
         self.id_to_token.update({i: t for t, i in self.added.items()})
         # Added tokens are matched leftmost-longest before normalization (normalized=false), as HF does.
-        raw = [t for t in spec.get("added_tokens", []) if not t.get("normalized", False)]
-        norm = [t for t in spec.get("added_tokens", []) if t.get("normalized", False)]
+        raw = [t for t in added if not t.get("normalized", False)]
+        norm = [t for t in added if t.get("normalized", False)]
         self.raw_re, self.norm_re = self._added_regex(raw), self._added_regex(norm)
         self.eos_id = self.added.get("<eos>", self.vocab.get("<eos>", 1))
         self.pad_id = self.added.get("<pad>", self.vocab.get("<pad>", 0))
@@ -401,6 +417,31 @@ class GemmaTokenizer:
         # the text can then be cut there and each piece BPE'd (and cached) alone: same ids, much faster.
         self.cut_at_spaces = all("\u2581" not in ab.lstrip("\u2581") for _, ab in self.merges.values())
         self.cache = {}
+
+    def _check(self, spec):
+        """The parts of tokenizer.json this class reads, checked: a foreign or hand-edited file fails here with one
+        line naming the key, not later inside the BPE loop."""
+        def need(ok, what):
+            if not ok:
+                raise ValueError(f"{self.path}: {what}")
+        need(isinstance(spec, dict) and isinstance(spec.get("model"), dict), "missing key 'model' (not a tokenizer.json)")
+        model = spec["model"]
+        need(model.get("type") == "BPE", f"key 'model.type' is {model.get('type')!r}, only 'BPE' is supported")
+        vocab = model.get("vocab")
+        need(isinstance(vocab, dict) and all(type(i) is int and i >= 0 for i in vocab.values()),
+             "key 'model.vocab' must map each token to an integer id")
+        need(isinstance(model.get("merges"), list), "key 'model.merges' must be a list")
+        merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
+        bad = next((m for m in merges if not (isinstance(m, list) and len(m) == 2 and all(isinstance(s, str) for s in m))),
+                   None)
+        need(bad is None, f"key 'model.merges' has an entry that is not a pair of tokens: {bad!r}")
+        for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix"):  # each would change the ids
+            need(model.get(key) is None, f"key 'model.{key}' is {model.get(key)!r}; only null is supported")
+        added = spec.get("added_tokens") or []
+        need(isinstance(added, list) and all(isinstance(t, dict) and isinstance(t.get("content"), str) and
+                                             type(t.get("id")) is int for t in added),
+             "key 'added_tokens' must be a list of {\"content\": str, \"id\": int, ...}")
+        return model, merges, added
 
     def _flatten(self, node, kind):
         if node is None:
@@ -540,6 +581,10 @@ class GemmaTokenizer:
         for row, text in enumerate(texts):
             ids = self.encode(text.lower())[: self.max_len - 1] + [self.eos_id]
             out[row, : len(ids)] = torch.tensor(ids)
+        if self.vocab_size is not None and out.max() >= self.vocab_size:  # else an IndexError deep in the tower
+            top = out.max().item()
+            raise ValueError(f"{self.path}: token {self.id_to_token[top]!r} has id {top}, past the "
+                             f"text_config.vocab_size {self.vocab_size} of config.json (a tokenizer of another model?)")
         return out
 
 
@@ -662,9 +707,11 @@ def load_siglip2(path, device=None, dtype=None, text=True):
     expected = {k: v for k, v in model.state_dict().items()}
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        files = sorted(set(weight_map.values()))
+        try:
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index}: not a readable shard index, need key 'weight_map' ({type(e).__name__}: {e})") from None
     else:
         files = ["model.safetensors"]
     keep = lambda k: text or not k.startswith("text_model.")
@@ -708,7 +755,8 @@ def load_siglip2(path, device=None, dtype=None, text=True):
     dtype = dtype or torch.float32
     model.load_state_dict({k: t.to(device=device, dtype=dtype) for k, (t, _, _) in state.items()}, assign=True)
     tok = os.path.join(path, "tokenizer.json")
-    model.tokenizer = GemmaTokenizer(tok, max_len=text_cfg["max_position_embeddings"]) if os.path.isfile(tok) else None
+    model.tokenizer = GemmaTokenizer(tok, max_len=text_cfg["max_position_embeddings"],
+                                     vocab_size=text_cfg["vocab_size"]) if os.path.isfile(tok) else None
     return model.eval().requires_grad_(False)
 
 
@@ -749,15 +797,40 @@ def import_rae_decoder(state):
     return out
 
 
+def config_from_metadata(path, meta, key, cls):
+    """The dataclass `cls` from the JSON that an export keeps in its safetensors metadata under `key`. Every field
+    of `cls` has a default, and must be there with the type of that default: a foreign, older or hand-edited file
+    fails with one line naming the field instead of building a model of the wrong shape."""
+    if key not in meta:
+        raise ValueError(f"{path}: no '{key}' in the safetensors metadata (not an export of this project)")
+    try:
+        values = json.loads(meta[key])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: metadata '{key}' is not valid JSON ({e})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: metadata '{key}' is a JSON {type(values).__name__}, expected an object")
+    defaults = {f.name: f.default for f in fields(cls)}
+    for name in sorted(set(defaults) | set(values)):
+        if name not in defaults:
+            raise ValueError(f"{path}: metadata '{key}' has unknown field '{name}'")
+        if name not in values:
+            raise ValueError(f"{path}: metadata '{key}' is missing field '{name}'")
+        want = type(defaults[name])
+        ok = isinstance(values[name], want) or (want is float and type(values[name]) is int)
+        if not ok or (want is int and type(values[name]) is bool):
+            raise ValueError(f"{path}: metadata '{key}' field '{name}' is {values[name]!r}, expected {want.__name__}")
+    return cls(**values)
+
+
 def load_decoder(path, device=None):
     """A decoder written by `save_decoder` (config in the metadata) -> Decoder (eval)."""
-    meta = read_metadata(path)
-    if "decoder_config" not in meta:
-        raise ValueError(f"{path}: no 'decoder_config' in the safetensors metadata (not a decoder export)")
-    cfg = DecoderConfig(**json.loads(meta["decoder_config"]))
+    cfg = config_from_metadata(path, read_metadata(path), "decoder_config", DecoderConfig)
     state = read_safetensors(path)
     with torch.device("meta"):
-        dec = Decoder(cfg)
+        try:
+            dec = Decoder(cfg)
+        except ValueError as e:  # a num_tokens that is not a square grid, heads that do not divide the width
+            raise ValueError(f"{path}: metadata 'decoder_config': {e}") from None
     load_checked(dec, state, path)
     dec.pos_embed = dec.pos_table()  # was built on the meta device
     return dec.to(device).eval()
@@ -778,6 +851,85 @@ def load_checked(module, state, path):
             raise ValueError(f"{path}: key '{k}' has dtype {state[k].dtype}, expected a floating-point tensor")
     module.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)
     return module
+
+
+def read_checkpoint(path):
+    """A dict written by torch.save, read with weights_only=True: tensors, containers and primitives only, so a
+    foreign pickle is refused before any of its code runs. Every failure is one line naming the file."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, KeyError, EOFError, ... by what is wrong
+        pickled = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        first = (str(e).splitlines() or [""])[0].split(". ")[0]  # torch's messages run to paragraphs
+        why = (f"it pickles {pickled[1]}, so it was refused unread (weights_only=True)" if pickled else
+               f"truncated or not written by torch.save ({type(e).__name__}: {first})")
+        raise ValueError(f"{path}: not a readable checkpoint: {why}") from None
+    if not isinstance(ck, dict):
+        raise ValueError(f"{path}: not a training checkpoint (it holds a {type(ck).__name__}, expected a dict)")
+    return ck
+
+
+def load_resume(path, expect):
+    """A training script's ckpt.pt -> its dict, read by `read_checkpoint` and checked against this run, so that a
+    truncated, foreign or other-config checkpoint fails with one line naming the file and the key before anything
+    is loaded. `expect` names every key the file must hold, no more and no fewer, checked in its order:
+      a type (int for counters, dict for args): a value of that type;
+      a state dict of this run (name -> tensor): the same names, shapes and dtypes;
+      an optimizer of this run: as many parameters per group, each moment of its parameter's shape and dtype;
+      anything else (the model config dict): an equal value, else the first field that differs is named."""
+    ck = read_checkpoint(path)
+    for key in sorted(set(ck) | set(expect), key=str):
+        if key not in expect or key not in ck:
+            raise ValueError(f"{path}: {'unexpected' if key in ck else 'missing'} key '{key}' "
+                             f"(a checkpoint of another script or version?)")
+    for key, want in expect.items():
+        got = ck[key]
+        if isinstance(want, type):
+            if not isinstance(got, want):
+                raise ValueError(f"{path}: key '{key}' is a {type(got).__name__}, expected {want.__name__}")
+        elif isinstance(want, torch.optim.Optimizer):
+            _check_optimizer_state(path, key, got, want)
+        elif isinstance(want, dict) and all(isinstance(v, torch.Tensor) for v in want.values()):
+            _check_state(path, key, got, want)
+        elif got != want:
+            name = key
+            if isinstance(got, dict) and isinstance(want, dict):  # name the first field that differs
+                field = next(k for k in sorted(set(got) | set(want)) if got.get(k) != want.get(k))
+                name, got, want = f"{key}.{field}", got.get(field), want.get(field)
+            raise ValueError(f"{path}: '{name}' is {got!r} in the checkpoint but {want!r} in this run "
+                             f"(resume with the flags the run was started with, or use a new --out)")
+    return ck
+
+
+def _check_state(path, key, got, want):
+    if not isinstance(got, dict):
+        raise ValueError(f"{path}: key '{key}' is a {type(got).__name__}, expected a state dict")
+    for name in sorted(set(got) | set(want), key=str):
+        where = f"{path}: key '{key}.{name}'"
+        if name not in want or name not in got:
+            raise ValueError(f"{path}: {'unexpected' if name in got else 'missing'} key '{key}.{name}'")
+        t, w = got[name], want[name]
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{where} is a {type(t).__name__}, expected a tensor")
+        if t.shape != w.shape or t.dtype != w.dtype:
+            raise ValueError(f"{where} is {t.dtype} {tuple(t.shape)}, this run has {w.dtype} {tuple(w.shape)}")
+
+
+def _check_optimizer_state(path, key, got, opt):
+    groups = got.get("param_groups") if isinstance(got, dict) else None
+    if not (isinstance(groups, list) and isinstance(got.get("state"), dict) and
+            all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)):
+        raise ValueError(f"{path}: key '{key}' is not an optimizer state (it needs 'state' and 'param_groups')")
+    sizes, ours = [len(g["params"]) for g in groups], [len(g["params"]) for g in opt.param_groups]
+    if sizes != ours:
+        raise ValueError(f"{path}: key '{key}' has {sizes} parameters per group, this run's optimizer has {ours}")
+    for saved, group in zip(groups, opt.param_groups):
+        for pid, p in zip(saved["params"], group["params"]):  # ids or names, in the optimizer's parameter order
+            for name, t in got["state"].get(pid, {}).items():
+                # the moments have the parameter's shape; 'step' is a 0-d counter
+                if isinstance(t, torch.Tensor) and t.ndim and (t.shape != p.shape or t.dtype != p.dtype):
+                    raise ValueError(f"{path}: key '{key}.state.{pid}.{name}' is {t.dtype} {tuple(t.shape)}, its "
+                                     f"parameter is {p.dtype} {tuple(p.shape)}")
 
 
 # ----------------------------------------------------------------------------- writing a tiny checkpoint

@@ -53,16 +53,34 @@ def parse_args(argv=None):
     return args
 
 
-def load_dit(path, device):
-    """dit.safetensors (EMA weights + config in the metadata) -> (DiT, metadata dict)."""
+def load_dit(path, device, raw=False):
+    """dit.safetensors (EMA weights + config in the metadata) -> (DiT, metadata dict). raw: the same DiT with the
+    non-EMA weights of the ckpt.pt next to it."""
     if os.path.isdir(path):
         path = os.path.join(path, "dit.safetensors")
     meta = rae.read_metadata(path)
-    if "dit_config" not in meta:
-        raise SystemExit(f"{path}: no 'dit_config' in the safetensors metadata (not a train_dit.py export)")
+    cfg = rae.config_from_metadata(path, meta, "dit_config", dit.DiTConfig)
+    try:
+        alpha = float(meta.get("alpha", ""))
+    except ValueError:
+        alpha = math.nan
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"{path}: metadata 'alpha' is {meta.get('alpha')!r}, expected a positive number (the time shift)")
+    if meta.get("latent", "rae") not in ("rae", "vae"):
+        raise ValueError(f"{path}: metadata 'latent' is {meta['latent']!r}, expected 'rae' or 'vae'")
     with torch.device("meta"):
-        model = dit.DiT(dit.DiTConfig(**json.loads(meta["dit_config"])))
-    rae.load_checked(model, rae.read_safetensors(path), path)
+        try:
+            model = dit.DiT(cfg)
+        except (AssertionError, ValueError) as e:  # dit.py asserts what its blocks need (square grid, head sizes)
+            raise ValueError(f"{path}: metadata 'dit_config': {e}") from None
+    if raw:
+        path = os.path.join(os.path.dirname(path), "ckpt.pt")
+        ck = rae.read_checkpoint(path)
+        if not isinstance(ck.get("model"), dict):
+            raise ValueError(f"{path}: missing key 'model' (not a train_dit.py checkpoint)")
+        rae.load_checked(model, ck["model"], path)
+    else:
+        rae.load_checked(model, rae.read_safetensors(path), path)
     return model.to(device).eval(), meta
 
 
@@ -73,22 +91,34 @@ def main(args):
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
     prompts = list(args.prompt)
     if args.prompts:
-        with open(args.prompts, encoding="utf-8") as f:
-            prompts += [line.strip() for line in f if line.strip()]
+        try:
+            with open(args.prompts, encoding="utf-8") as f:
+                prompts += [line.strip() for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise SystemExit(f"{args.prompts}: cannot read the prompts ({type(e).__name__}: {e})") from None
     if not prompts:
         raise SystemExit("no prompt: give --prompt TEXT (repeatable) or --prompts FILE")
     for p in prompts:  # the tokenizer keeps 63 tokens; say so instead of silently cutting a long prompt
         if len(p) > 300:
             print(f"note: prompt of {len(p)} characters is truncated to 64 tokens: {p[:40]!r}...")
 
-    model, meta = load_dit(args.ckpt, device)
+    model, meta = load_dit(args.ckpt, device, raw=args.raw)
     cfg = model.cfg
     encoder = args.encoder or meta.get("encoder")
     siglip = data.toy_encoder() if encoder in (None, "toy") else rae.load_siglip2(encoder)
     siglip = siglip.to(device)
     alpha = float(meta["alpha"])
-    stats = rae.load_latent_stats(meta["stats"], cfg.in_channels) if meta.get("stats") else None
-    ae = rae.RAE(siglip.vision, rae.load_decoder(args.decoder, device) if args.decoder else None, stats).to(device)
+    stats = rae.load_latent_stats(meta["stats"], cfg.in_channels, cfg.num_tokens) if meta.get("stats") else None
+    decoder = rae.load_decoder(args.decoder, device) if args.decoder else None
+    # the towers and the decoder must be those the DiT was trained with: say so now, not after sampling
+    if cfg.cond == "text" and siglip.text.pos_embed.shape[1] != cfg.text_dim:
+        raise SystemExit(f"{encoder or 'toy'}: its text tower is {siglip.text.pos_embed.shape[1]} wide, but {args.ckpt} "
+                         f"was trained on text_dim {cfg.text_dim}; pass the --encoder it was trained with")
+    if decoder is not None and meta.get("latent", "rae") == "rae" and \
+            (decoder.cfg.num_tokens, decoder.cfg.latent_dim) != (cfg.num_tokens, cfg.in_channels):
+        raise SystemExit(f"{args.decoder}: decodes latents ({decoder.cfg.num_tokens}, {decoder.cfg.latent_dim}), but "
+                         f"{args.ckpt} generates ({cfg.num_tokens}, {cfg.in_channels})")
+    ae = rae.RAE(siglip.vision, decoder, stats).to(device)
     decode = ae.decode if args.decoder else None  # latents (B, N, C) -> pixels (B, 3, H, W)
     if meta.get("latent") == "vae":  # the FLUX VAE baseline: tokens -> (B, 16, h, w) -> VAE decoder
         import vae as vae_mod
@@ -146,8 +176,9 @@ def demo(args):
     """The whole method on CPU with no download: toy decoder, toy DiT, samples of a fixed prompt set, scores."""
     t0 = time.time()
     run = lambda *a: subprocess.run([sys.executable, *a], check=True)
-    run("train_decoder.py", "--preset", "toy")
-    run("train_dit.py", "--preset", "toy", "--decoder", "runs/toy_decoder/decoder.safetensors")
+    # --resume: a second demo continues (or, when finished, reuses) the runs instead of overwriting them
+    run("train_decoder.py", "--preset", "toy", "--resume")
+    run("train_dit.py", "--preset", "toy", "--decoder", "runs/toy_decoder/decoder.safetensors", "--resume")
     prompts = [p for p, _ in data.toy_prompts(24, seed=1)]
     out = os.path.join("runs", "toy_demo")
     acc = main(parse_args(["--ckpt", "runs/toy_dit", "--decoder", "runs/toy_decoder/decoder.safetensors",

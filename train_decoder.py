@@ -9,7 +9,8 @@ extra weights: the perceptual loss and the discriminator both read features of t
     torchrun --nproc_per_node=8 train_decoder.py --encoder ckpt/siglip2-so400m-patch14-224 --data /data/shards/{000..999}.tar
 
 Writes to --out: metrics.jsonl, recon_*.png (input | output on held-out images), ckpt.pt (resumable with
---resume) and decoder.safetensors (EMA weights + config, for rae.load_decoder / sample.py).
+--resume, which an --out holding one requires) and decoder.safetensors (EMA weights + config, for rae.load_decoder /
+sample.py).
 """
 import argparse
 import copy
@@ -62,7 +63,7 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=50, help="steps between metrics lines")
     p.add_argument("--eval-every", type=int, default=1000, help="steps between held-out PSNR + recon grid")
     p.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt if there is one (required if so)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decoder")
     p.add_argument("--seed", type=int, default=0, help="seed for data order, noise and augmentation")
     pre = argparse.ArgumentParser(add_help=False)
@@ -186,6 +187,9 @@ def main(args):
         raise SystemExit(f"--batch {args.batch} is not divisible by the world size {world}")
     master = rank == 0
     os.makedirs(args.out, exist_ok=True)
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    if os.path.exists(ckpt_path) and not args.resume:  # a forgotten --resume must not overwrite days of training
+        raise SystemExit(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
     stop = {"signal": None}  # SIGTERM / SIGUSR1 (cluster preemption): finish the step, save, exit 0
     for s in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(s, lambda num, _: stop.update(signal=num))
@@ -223,9 +227,11 @@ def main(args):
 
     # resume: everything needed to continue exactly (weights, optimizers, step, data position)
     step, epoch, consumed = 0, 0, 0
-    ckpt_path = os.path.join(args.out, "ckpt.pt")
     if args.resume and os.path.exists(ckpt_path):
-        ck = torch.load(ckpt_path, map_location=device, weights_only=True)
+        # checked first: another --decoder / --encoder, a truncated or foreign file fail here in one line
+        ck = rae.load_resume(ckpt_path, dict(config=asdict(cfg), decoder=decoder.state_dict(), ema=ema.state_dict(),
+                                             disc=disc.state_dict(), opt=opt, opt_d=opt_d, step=int, epoch=int,
+                                             consumed=int, args=dict))
         decoder.load_state_dict(ck["decoder"])
         ema.load_state_dict(ck["ema"])
         disc.load_state_dict(ck["disc"])
@@ -272,6 +278,18 @@ def main(args):
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
+    def check_finite(name, value):
+        """Stop every rank if `value` is not finite on any of them (a rank that stopped alone would leave the others
+        waiting in the next collective), before the optimizer step it would feed; nothing is saved, so ckpt.pt and
+        decoder.safetensors stay those of the last good save."""
+        flag = (~torch.isfinite(value.detach())).int().reshape(1)
+        if ddp:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():
+            last = ckpt_path if os.path.exists(ckpt_path) else "none yet"
+            raise SystemExit(f"step {step}: {name} is not finite (rank {rank}: {value.item()}); stopping without "
+                             f"saving (last good checkpoint: {last})")
+
     while step < args.steps and not stopping():
         epoch, consumed, batch = next(batches)
         bad.update(batch.get("bad", {}))
@@ -293,8 +311,7 @@ def main(args):
                 gan = -disc(diff_augment(recon, gen)).mean()  # generator side of the hinge GAN
                 weight = adaptive_weight(loss, gan, decoder.pred.weight, args.max_d_weight)
                 loss = loss + args.gan_weight * weight * gan
-        if not torch.isfinite(loss):
-            raise SystemExit(f"step {step}: loss is {loss.item()}; stopping without saving (last good: {ckpt_path})")
+        check_finite("loss", loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(decoder.parameters(), args.clip if args.clip > 0 else float("inf"))
@@ -309,6 +326,7 @@ def main(args):
                 d_real = train_disc(diff_augment(img, gen), grad_to_input=False)
                 d_fake = train_disc(diff_augment(fake, gen), grad_to_input=False)
                 d_loss = 0.5 * (F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean())
+            check_finite("discriminator loss", d_loss)
             opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
             opt_d.step()

@@ -80,7 +80,7 @@ def parse_args(argv=None):
     p.add_argument("--sample-every", type=int, default=5000, help="steps between sample grids (0: never)")
     p.add_argument("--prompts", nargs="*", default=None, help="fixed prompts of the sample grid")
     p.add_argument("--cfg", type=float, default=4.0, help="guidance scale of the sample grid")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt if there is one (required if so)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, data order and noise")
     p.add_argument("--plan", action="store_true", help="print parameters, FLOPs and memory per GPU, then exit")
     p.add_argument("--gpus", type=int, default=8, help="GPU count for --plan")
@@ -227,6 +227,9 @@ def main(args):
         raise SystemExit(f"--batch {args.batch} is not divisible by world size {world} x --grad-accum {args.grad_accum}")
     master = rank == 0
     os.makedirs(args.out, exist_ok=True)
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    if os.path.exists(ckpt_path) and not args.resume:  # a forgotten --resume must not overwrite days of training
+        raise SystemExit(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
     stop = {"signal": None}  # SIGTERM / SIGUSR1 (cluster preemption): finish the step, save, exit 0
     for s in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(s, lambda num, _: stop.update(signal=num))
@@ -289,10 +292,11 @@ def main(args):
                                                          get_optimizer_state_dict, set_model_state_dict,
                                                          set_optimizer_state_dict)
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    ckpt_path = os.path.join(args.out, "ckpt.pt")
     step, epoch, consumed = 0, 0, 0
     if args.resume and os.path.exists(ckpt_path):
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        # checked first: another --model / --encoder, a truncated or foreign file fail here in one line
+        ck = rae.load_resume(ckpt_path, dict(config=asdict(cfg), model=model.state_dict(), ema=ema.state_dict(),
+                                             opt=opt, step=int, epoch=int, consumed=int, args=dict))
         load = StateDictOptions(full_state_dict=True)
         set_model_state_dict(model, ck["model"], options=load)
         set_model_state_dict(ema, ck["ema"], options=load)
