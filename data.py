@@ -35,7 +35,6 @@ import torch
 import torch.distributed
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from tqdm import tqdm
 
@@ -503,14 +502,20 @@ TOY_VISION = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, n
 TOY_TEXT = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4)
 
 
-def toy_encoder(path="toy_encoder", size=224):
-    """Write the toy SigLIP-2 to `path` if missing, then load it: a model with .vision, .text, .tokenizer."""
+def toy_encoder(path="toy_encoder", size=112):
+    """Write the toy SigLIP-2 to `path` if missing, then load it: a model with .vision, .text, .tokenizer.
+    112 px with patch 14: an 8 x 8 grid, 64 latent tokens of 128 channels. At 224 px (256 tokens) the CPU demo's
+    decoder and DiT cost 4x as much per image and do not fit its 15-minute budget."""
     import rae  # here, not at the top: everything else in this file works without rae.py
 
     if not os.path.exists(path):
         # Write to a private folder, then rename: several ranks may start at once and must not see half a folder.
         tmp = f"{path}.tmp{os.getpid()}"
-        rae.write_tiny_siglip2(tmp, toy_vocab(), vision=dict(TOY_VISION, image_size=size), text=TOY_TEXT, seed=0)
+        # text_residual_scale 0.1: a random text tower at full scale scrambles its tokens (a swapped colour word moved
+        # its own token state by 25% of its norm), and the toy DiT never learned colours from it in a demo's budget;
+        # near the identity the word survives (80%), as it does through a trained tower.
+        rae.write_tiny_siglip2(tmp, toy_vocab(), vision=dict(TOY_VISION, image_size=size), text=TOY_TEXT, seed=0,
+                               text_residual_scale=0.1)
         try:
             os.rename(tmp, path)
         except OSError:  # another rank won the race
@@ -843,6 +848,7 @@ def encode_latents(dataset, folder, encode, rank=0, world_size=1, batch_size=64,
     same batches as an uncached one); TarShards: their own rank x worker split, in file order. Bad samples are
     skipped and counted. Returns {"shards": [{"file", "count"}], "bad": {reason: n}}: once every rank has
     returned, one process passes them all to write_manifest."""
+    import rae  # here, not at the top: only the cache writer needs it (as toy_encoder)
     if isinstance(dataset, IterableDataset):
         dataset.buffer, dataset.epoch, sampler, total = 0, 0, None, None  # file order: the reader shuffles
     else:
@@ -856,8 +862,7 @@ def encode_latents(dataset, folder, encode, rank=0, world_size=1, batch_size=64,
         name = f"shard_{rank:03d}_{len(shards):05d}.safetensors"
         path = os.path.join(folder, name)
         tensors = {k: v.contiguous() for k, v in part.items() if torch.is_tensor(v)}
-        save_file(tensors, path + ".tmp", metadata={"captions": json.dumps(part["caption"])})
-        os.replace(path + ".tmp", path)
+        rae.save_safetensors(path, tensors, metadata={"captions": json.dumps(part["caption"])})  # atomic, 0644
         shards.append({"file": name, "count": len(part["caption"])})
 
     with tqdm(total=total, desc="encoding", unit="img", disable=None if progress else True, dynamic_ncols=True) as bar:

@@ -57,8 +57,9 @@ PRESETS = {
     # (about 58 layers would give 9.8B); the true config is unpublished, we keep the listed one.
     "T2I-9.8B": dict(hidden_size=3072, depth=48, num_heads=48, cond="text"),  # 8.43B
     # CPU demos: in_channels / num_tokens / text_dim / text_len must match the (toy) encoder; override them from it.
-    "toy": dict(in_channels=64, num_tokens=64, hidden_size=256, depth=6, num_heads=4, cond="text", text_dim=64,
-                text_len=16, connector_depth=2),  # 9.1M
+    # Sized for the demo's budget: about 1.6 GFLOPs per training sample on the 8 x 8 x 128 toy latent.
+    "toy": dict(in_channels=128, num_tokens=64, hidden_size=192, depth=4, num_heads=3, cond="text", text_dim=128,
+                text_len=64, connector_depth=1),  # 3.4M
 }
 
 

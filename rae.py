@@ -345,7 +345,7 @@ def compute_latent_stats(rae, images, per="channel"):
 
 
 def save_latent_stats(path, stats):
-    save_file({k: v.contiguous() for k, v in stats.items()}, path)
+    save_safetensors(path, stats)
 
 
 def load_latent_stats(path, channels, tokens=None):
@@ -589,6 +589,18 @@ class GemmaTokenizer:
 
 
 # ----------------------------------------------------------------------------- checkpoint files
+def save_safetensors(path, tensors, metadata=None):
+    """Write tensors atomically (temp file, then os.replace: a crash never leaves a half file under `path`), readable
+    by the group as any file the user writes (safetensors >= 0.8 creates its files 0600, unreadable on a shared
+    cluster filesystem)."""
+    tmp = f"{path}.tmp"
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
 def read_safetensors(path, keep=None):
     """Tensors of a .safetensors file, checked first so that a truncated or foreign file fails with one line."""
     if not os.path.isfile(path):
@@ -762,10 +774,7 @@ def load_siglip2(path, device=None, dtype=None, text=True):
 
 def save_decoder(path, decoder: Decoder):
     """Decoder weights as safetensors with the DecoderConfig in the metadata (one self-describing file)."""
-    tmp = path + ".tmp"
-    save_file({k: v.detach().contiguous() for k, v in decoder.state_dict().items()}, tmp,
-              metadata={"decoder_config": json.dumps(asdict(decoder.cfg))})
-    os.replace(tmp, path)
+    save_safetensors(path, decoder.state_dict(), metadata={"decoder_config": json.dumps(asdict(decoder.cfg))})
 
 
 # Released RAE decoders (official .pt state dicts and diffusers AutoencoderRAE files) -> our names.
@@ -990,9 +999,11 @@ def gemma_tokenizer_json(words, max_len=64):
     raise ValueError("gemma_tokenizer_json: could not make every word a single token")
 
 
-def write_tiny_siglip2(path, words, vision=None, text=None, seed=0):
+def write_tiny_siglip2(path, words, vision=None, text=None, seed=0, text_residual_scale=1.0):
     """Write a random-weight SigLIP-2 snapshot in the real HF format: config.json, model.safetensors (HF key
-    names and layouts) and a Gemma-format tokenizer.json over `words`. vision/text override config fields."""
+    names and layouts) and a Gemma-format tokenizer.json over `words`. vision/text override config fields.
+    text_residual_scale multiplies the text blocks' output projections (attention out_proj, MLP fc2): below 1 the
+    random blocks only perturb the residual stream, so each token state still says which word it is."""
     os.makedirs(path, exist_ok=True)
     tok = gemma_tokenizer_json(words)
     small = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
@@ -1008,9 +1019,11 @@ def write_tiny_siglip2(path, words, vision=None, text=None, seed=0):
                 p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(0.02 * torch.randn(p.shape, generator=g))
+            if name.startswith("text.blocks.") and name.endswith(("attn.proj.weight", "mlp.fc2.weight")):
+                p.mul_(text_residual_scale)
         model.logit_scale.data.fill_(math.log(10.0))
         model.logit_bias.data.fill_(-10.0)
-    save_file(ours_to_hf(model.state_dict()), os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    save_safetensors(os.path.join(path, "model.safetensors"), ours_to_hf(model.state_dict()), metadata={"format": "pt"})
     config = {"model_type": "siglip", "initializer_factor": 1.0,
               "vision_config": {"model_type": "siglip_vision_model", **vision_cfg},
               "text_config": {"model_type": "siglip_text_model", **text_cfg}}

@@ -143,9 +143,8 @@ def main(args):
     print(f"{len(todo)} samples in {time.time() - t0:.1f}s")
     os.makedirs(args.out, exist_ok=True)
     if args.save_latents:
-        from safetensors.torch import save_file
-        save_file({"z": z.cpu().contiguous()}, os.path.join(args.out, "latents.safetensors"),
-                  metadata={"prompts": json.dumps(todo)})
+        rae.save_safetensors(os.path.join(args.out, "latents.safetensors"), {"z": z.cpu()},
+                             metadata={"prompts": json.dumps(todo)})
 
     if args.score and meta.get("latent", "rae") == "rae":
         # SigLIP image-text logit of each latent with its own prompt, straight from z (no pixels involved)
@@ -173,12 +172,27 @@ def main(args):
 
 
 def demo(args):
-    """The whole method on CPU with no download: toy decoder, toy DiT, samples of a fixed prompt set, scores."""
+    """The whole method on CPU with no download: toy decoder and toy DiT, samples of a fixed prompt set, scores.
+    The two trainings run side by side, each on half the cores: the DiT needs the decoder only to draw pictures, and
+    two small models on one core each use a CPU better than one after the other on all of them."""
     t0 = time.time()
-    run = lambda *a: subprocess.run([sys.executable, *a], check=True)
-    # --resume: a second demo continues (or, when finished, reuses) the runs instead of overwriting them
-    run("train_decoder.py", "--preset", "toy", "--resume")
-    run("train_dit.py", "--preset", "toy", "--decoder", "runs/toy_decoder/decoder.safetensors", "--resume")
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // 2))}
+    os.makedirs("runs", exist_ok=True)
+    data.toy_encoder()  # written once here, before two processes would race to write it
+    # --resume: a second demo continues (or, when finished, reuses) the runs instead of being refused
+    with open(os.path.join("runs", "toy_decoder.log"), "w") as log:
+        print(f"training the toy decoder (log: {log.name}) and the toy DiT side by side")
+        jobs = [subprocess.Popen([sys.executable, os.path.join(here, "train_decoder.py"), "--preset", "toy", "--resume"],
+                                 env=env, stdout=log, stderr=subprocess.STDOUT),
+                subprocess.Popen([sys.executable, os.path.join(here, "train_dit.py"), "--preset", "toy", "--resume",
+                                  "--sample-every", "0"], env=env)]
+        codes = [job.wait() for job in jobs]
+    if any(codes):
+        raise SystemExit(f"demo: a training run failed (exit codes: decoder {codes[0]}, DiT {codes[1]}); see above "
+                         f"and runs/toy_decoder.log")
+    with open(os.path.join("runs", "toy_decoder.log")) as log:
+        print(log.read().strip().splitlines()[-1])  # "done: ..., held-out PSNR ... dB"
     prompts = [p for p, _ in data.toy_prompts(24, seed=1)]
     out = os.path.join("runs", "toy_demo")
     acc = main(parse_args(["--ckpt", "runs/toy_dit", "--decoder", "runs/toy_decoder/decoder.safetensors",

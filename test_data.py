@@ -1,7 +1,6 @@
 """Tests for data.py: the toy world and its scorer, preprocessing, every bad-file case, the readers, and the tar
 shard split over ranks x workers. CPU, no network: python -m pytest -q test_data.py"""
 import io
-import itertools
 import json
 import os
 import re
@@ -512,13 +511,13 @@ def test_toy_encoder_written_once_in_hf_format_and_loaded(tmp_path):
     assert not (ids == unk).any() and not set(ids.unique().tolist()) & byte_fallback
     assert all(model.tokenizer.decode(model.tokenizer.encode(c)) == c for c in captions)
     assert all(len(model.tokenizer.encode(" " + w)) == 1 for w in data.toy_vocab())  # one token per word
-    img = torch.stack([data.ToyWorld(224)[i]["img"] for i in range(2)])
+    img = torch.stack([data.ToyWorld(112)[i]["img"] for i in range(2)])
     with torch.no_grad():
         z, t = model.vision(img), model.text(ids[:2])
-        assert z.shape == (2, 256, data.TOY_VISION["hidden_size"]) and t.shape == (2, 64, data.TOY_TEXT["hidden_size"])
+        assert z.shape == (2, 64, data.TOY_VISION["hidden_size"]) and t.shape == (2, 64, data.TOY_TEXT["hidden_size"])
         assert torch.equal(z, again.vision(img))  # fixed weights
-    with pytest.raises(ValueError, match="224 px"):
-        data.toy_encoder(path, size=112)
+    with pytest.raises(ValueError, match="112 px"):
+        data.toy_encoder(path, size=224)
 
 
 # ----------------------------------------------------------------------------- for the training loop

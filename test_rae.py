@@ -210,7 +210,6 @@ def random_text(rng, n):
 @pytest.fixture(scope="module", params=["cut", "cross"])
 def tokenizers_pair(request, tmp_path_factory):
     """A Gemma-structured tokenizer.json (normalizer, BPE byte_fallback, merges, added tokens) + HF's reading."""
-    from tokenizers import Tokenizer
     rng = random.Random(0)
     spec = rae.gemma_tokenizer_json(["photo", "cat", "red"])
     corpus = [random_text(rng, 40).replace(" ", "\u2581") for _ in range(300)]

@@ -322,7 +322,7 @@ def test_bad_resume_checkpoint_is_refused(script, case, request, tmp_path, in_pr
 
 @pytest.mark.parametrize("script,flags,field", [
     pytest.param("train_decoder.py", ["--decoder", "B"], "'config.depth' is 4 in the checkpoint but 12 in this run"),
-    pytest.param("train_dit.py", ["--model", "DiT-S"], "'config.depth' is 6 in the checkpoint but 12 in this run")])
+    pytest.param("train_dit.py", ["--model", "DiT-S"], "'config.connector_depth' is 1 in the checkpoint but 2 in this run")])
 def test_resume_with_another_model_flag_names_the_config_field(script, flags, field, request, tmp_path, in_process):
     module, args, _ = SCRIPTS[script]
     out = tmp_path / "run"
@@ -435,7 +435,7 @@ def test_bad_dit_exports(dit_run, tmp_path):
         "wrong dtype": (bad_export(good, tmp_path / "d.safetensors", put={k: torch.zeros(shape, dtype=torch.int32)}),
                         f"key '{k}' has dtype torch.int32"),
         "config of another size": (bad_export(good, tmp_path / "c.safetensors",
-                                              meta={"dit_config": json.dumps({**cfg, "hidden_size": 128})}),
+                                              meta={"dit_config": json.dumps({**cfg, "hidden_size": 96})}),
                                    "has shape"),
         "config field unknown": (bad_export(good, tmp_path / "u.safetensors",
                                             meta={"dit_config": json.dumps({**cfg, "rope": True})}),

@@ -29,7 +29,6 @@ from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -38,8 +37,8 @@ import dit
 import rae
 
 CONNECTOR = ("text_", "queries", "connector")  # parameter-name prefixes of the DiT's text connector
-TOY = dict(data="toy", model="toy", batch=32, steps=2000, lr=1e-3, warmup=100, ema=0.995, log_every=50,
-           save_every=500, sample_every=500, workers=0, out="runs/toy_dit", cfg=3.0)
+TOY = dict(data="toy", model="toy", batch=32, steps=1200, lr=2e-3, warmup=50, ema=0.99, log_every=50,
+           save_every=400, sample_every=400, workers=0, out="runs/toy_dit", cfg=3.0)
 
 
 def parse_args(argv=None):
@@ -314,8 +313,7 @@ def main(args):
             os.replace(ckpt_path + ".tmp", ckpt_path)  # never a half-written ckpt.pt
             meta = dict(dit_config=json.dumps(asdict(cfg)), alpha=str(alpha), latent=args.latent, step=str(step),
                         encoder=str(args.encoder or "toy"), vae=str(args.vae or ""), stats=str(args.stats or ""))
-            save_file({k: v.contiguous() for k, v in states["ema"].items()}, os.path.join(args.out, "dit.safetensors.tmp"), metadata=meta)
-            os.replace(os.path.join(args.out, "dit.safetensors.tmp"), os.path.join(args.out, "dit.safetensors"))
+            rae.save_safetensors(os.path.join(args.out, "dit.safetensors"), states["ema"], metadata=meta)
         if ddp:
             dist.barrier()
 
