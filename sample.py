@@ -161,7 +161,8 @@ def main(args):
         img = torch.cat([decode(b).float() for b in z.split(args.batch)]).clamp(-1, 1)  # (B, 3, H, W)
     for k, im in enumerate(img):
         data.save_image_grid(os.path.join(args.out, f"{k:04d}.png"), im[None], None)
-    data.save_image_grid(os.path.join(args.out, "grid.png"), img, todo, columns=args.n)
+    columns = args.n if args.n > 1 else min(6, len(todo))  # a row per prompt, or rows of 6 single samples
+    data.save_image_grid(os.path.join(args.out, "grid.png"), img, todo, columns=columns)
     print(f"wrote {len(img)} images and grid.png to {args.out}")
     if args.score:
         truth = data.toy_truth(todo)  # None for prompts that are not toy-world captions

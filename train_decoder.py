@@ -18,6 +18,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -28,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.nn.utils.parametrizations import spectral_norm
+from tqdm import tqdm
 
 import data
 import rae
@@ -290,6 +292,8 @@ def main(args):
             raise SystemExit(f"step {step}: {name} is not finite (rank {rank}: {value.item()}); stopping without "
                              f"saving (last good checkpoint: {last})")
 
+    # the bar only on rank 0 and only on a terminal (disable=None): a log file gets the metrics lines, not a bar
+    bar = tqdm(total=args.steps, initial=step, disable=None if master else True, dynamic_ncols=True)
     while step < args.steps and not stopping():
         epoch, consumed, batch = next(batches)
         bad.update(batch.get("bad", {}))
@@ -332,6 +336,8 @@ def main(args):
             opt_d.step()
         step += 1
         seen += img.shape[0] * world
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        bar.update()
 
         if master and (step % args.log_every == 0 or step == args.steps):
             rec = dict(step=step, loss=loss.item(), l1=l1.item(), perceptual=perc.item(), gan=gan.item(),
@@ -341,11 +347,13 @@ def main(args):
                 rec["val_psnr"] = evaluate()
             log.write(json.dumps(rec) + "\n")
             log.flush()
-            print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()), flush=True)
+            tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
+            sys.stdout.flush()  # tqdm.write does not: a cluster's log file would get these lines in bursts
             t0, seen = time.time(), 0
         if step % args.save_every == 0 or step == args.steps:
             save()
 
+    bar.close()
     if step < args.steps:  # stopped by a signal (on this rank or another)
         save()
         if master:
