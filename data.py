@@ -861,7 +861,7 @@ def encode_latents(dataset, folder, encode, rank=0, world_size=1, batch_size=64,
     def write(part):  # one batch-like dict of n samples -> one shard file, under a temp name first
         name = f"shard_{rank:03d}_{len(shards):05d}.safetensors"
         path = os.path.join(folder, name)
-        tensors = {k: v.contiguous() for k, v in part.items() if torch.is_tensor(v)}
+        tensors = {k: v for k, v in part.items() if torch.is_tensor(v)}
         rae.save_safetensors(path, tensors, metadata={"captions": json.dumps(part["caption"])})  # atomic, 0644
         shards.append({"file": name, "count": len(part["caption"])})
 

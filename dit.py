@@ -212,6 +212,11 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(torch.cat([angles.sin(), angles.cos()], dim=1))  # (B, D)
 
 
+# Parameter-name prefixes of the text connector (text_proj, queries, connector, text_norm, text_out): for counting
+# it apart from the trunk, or giving it its own learning rate.
+CONNECTOR_PREFIXES = ("text_", "queries", "connector")
+
+
 class DiT(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
@@ -424,7 +429,7 @@ if __name__ == "__main__":
         with torch.device("meta"):  # shapes only, no memory
             model = DiT(cfg)
         n = sum(p.numel() for p in model.parameters())
-        n_conn = sum(p.numel() for k, p in model.named_parameters() if k.startswith(("text_", "queries", "connector")))
+        n_conn = sum(p.numel() for k, p in model.named_parameters() if k.startswith(CONNECTOR_PREFIXES))
         print(f"{name:10s} {n / 1e6:9.1f}M {n_conn / 1e6:9.1f}M {flops(cfg) / 1e9:20.1f}")
     torch.manual_seed(0)
     cfg = DiTConfig(**PRESETS["toy"])

@@ -36,7 +36,6 @@ import data
 import dit
 import rae
 
-CONNECTOR = ("text_", "queries", "connector")  # parameter-name prefixes of the DiT's text connector
 TOY = dict(data="toy", model="toy", batch=32, steps=1200, lr=2e-3, warmup=50, ema=0.99, log_every=50,
            save_every=400, sample_every=400, workers=0, out="runs/toy_dit", cfg=3.0)
 
@@ -141,8 +140,10 @@ def lr_at(step, args):
 def make_optimizer(model, args):
     """AdamW, betas as Scale-RAE's DiT. With --connector-lr the text connector (dit.py's text_proj, queries,
     connector, text_norm, text_out) is a second param group; the default keeps one group, as older checkpoints have."""
-    conn = [p for k, p in model.named_parameters() if k.startswith(CONNECTOR)] if args.connector_lr != args.lr else []
-    rest = [p for k, p in model.named_parameters() if not (conn and k.startswith(CONNECTOR))]
+    split = args.connector_lr != args.lr
+    in_conn = lambda name: split and name.startswith(dit.CONNECTOR_PREFIXES)
+    conn = [p for k, p in model.named_parameters() if in_conn(k)]
+    rest = [p for k, p in model.named_parameters() if not in_conn(k)]
     groups = [dict(params=rest, name="dit")] + ([dict(params=conn, name="connector")] if conn else [])
     # fused: one kernel for all parameters (the per-parameter loop was ~17% of a CPU step)
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.wd, fused=True)
