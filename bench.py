@@ -5,6 +5,7 @@
     python bench.py dit          # DiT training step: time, FLOPs, achieved FLOP/s vs plain matmuls
     python bench.py data         # data loading images/s per format
     python bench.py vae          # FLUX VAE encode/decode images/s, ours vs diffusers
+    python bench.py toy          # after `python sample.py --demo`: where the toy demo's accuracy is lost
     python bench.py all
 
 Reference libraries (transformers, diffusers) are imported inside the sections that compare against them.
@@ -285,7 +286,58 @@ def bench_vae(args):
 
 
 # -----------------------------------------------------------------------------
-SECTIONS = {"rae": bench_rae, "tokenizer": bench_tokenizer, "dit": bench_dit, "data": bench_data, "vae": bench_vae}
+# ----------------------------------------------------------------------------- toy: the demo's diagnosis
+
+
+def bench_toy(args):
+    """Run after `python sample.py --demo` (it reads runs/toy_decoder and runs/toy_dit). Three measurements that say
+    where the demo's toy-GenEval accuracy is lost: the decoder's reconstructions scored like generated images; how
+    far the DiT's latent moves when the prompt's colour or position word changes (same noise); and how much of a
+    text token's state its word decides, in the toy text tower as written and at full-scale random blocks."""
+    import copy
+    import data
+    import dit
+    import rae
+    from sample import load_dit
+
+    enc, dec = data.toy_encoder(), rae.load_decoder("runs/toy_decoder/decoder.safetensors")
+    ae = rae.RAE(enc.vision, dec)
+    world = data.ToyWorld(enc.vision.grid * enc.vision.patch, seed=1, split="test")
+    items = [world[i] for i in range(96)]
+    img = torch.stack([it["img"] for it in items])
+    with torch.no_grad():
+        recon = ae.decode(ae.encode(img)).clamp(-1, 1)
+    acc = data.score_toy(recon, data.toy_truth([it["caption"] for it in items]))
+    print("decoder reconstructions of 96 test images, toy GenEval: " +
+          ", ".join(f"{k} {v:.1%}" for k, v in acc.items() if isinstance(v, float)))
+
+    model, meta = load_dit("runs/toy_dit", "cpu")
+    colours = ["red", "blue", "green", "yellow", "purple", "orange"]
+    places = ["on the left", "on the right", "at the top", "at the bottom"]
+    prompts = [f"a {c} square in the center" for c in colours] + [f"a red square {p}" for p in places]
+    noise = torch.randn(1, model.cfg.num_tokens, model.cfg.in_channels,
+                        generator=torch.Generator().manual_seed(0)).repeat(len(prompts), 1, 1)
+    with torch.no_grad():
+        z = dit.sample(model, noise, enc.text(enc.tokenizer(prompts)), float(meta["alpha"]), steps=30, cfg=4.0)
+    by_colour = [(z[0] - z[i]).norm().item() for i in range(1, len(colours))]
+    by_place = [(z[len(colours)] - z[i]).norm().item() for i in range(len(colours) + 1, len(prompts))]
+    print(f"DiT latents, same noise: a colour word changed moves z by {min(by_colour):.1f}-{max(by_colour):.1f}, "
+          f"a position phrase changed by {min(by_place):.1f}-{max(by_place):.1f}")
+
+    ids = enc.tokenizer(["a red square at the top", "a blue square at the top"])
+    full = copy.deepcopy(enc.text)  # the same tower with its text blocks at full scale (text_residual_scale 1)
+    with torch.no_grad():
+        for block in full.blocks:
+            block.attn.proj.weight.mul_(10)
+            block.mlp.fc2.weight.mul_(10)
+        for name, tower in (("as written (text_residual_scale 0.1)", enc.text), ("at full scale", full)):
+            h = tower(ids)  # (2, T, D): the colour word is token 1
+            share = ((h[0, 1] - h[1, 1]).norm() / h[0, 1].norm()).item()
+            print(f"toy text tower {name}: swapping 'red' for 'blue' moves its token state by {share:.0%} of its norm")
+
+
+SECTIONS = {"rae": bench_rae, "tokenizer": bench_tokenizer, "dit": bench_dit, "data": bench_data, "vae": bench_vae,
+            "toy": bench_toy}
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
