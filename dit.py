@@ -212,8 +212,8 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(torch.cat([angles.sin(), angles.cos()], dim=1))  # (B, D)
 
 
-# Parameter-name prefixes of the text connector (text_proj, queries, connector, text_norm, text_out): for counting
-# it apart from the trunk, or giving it its own learning rate.
+# Parameter-name prefixes of the text connector (text_proj, queries, connector, text_norm, text_out, text_pool): for
+# counting it apart from the trunk, or giving it its own learning rate.
 CONNECTOR_PREFIXES = ("text_", "queries", "connector")
 
 
@@ -238,6 +238,14 @@ class DiT(nn.Module):
             # Scale-RAE reads the LLM's final-normed states through a Linear (its diff_head_projector)
             self.text_norm = RMSNorm(D)
             self.text_out = nn.Linear(D, D)
+            # Frozen text states are mostly the same in every prompt: what a prompt changes is a few percent of their
+            # norm, and AdamW learns a direction of its input at a rate proportional to that direction's size. So the
+            # text states are standardised per channel with statistics of the training captions (set_text_stats),
+            # and their standardised mean over the T positions (a pooled vector, as SD3 and Imagen add one) reaches
+            # every token's condition through text_pool. Measured in the README ("the text path").
+            self.text_pool = nn.Linear(cfg.text_dim, D)
+            for name in ("text_mean", "text_std", "pool_mean", "pool_std"):  # (text_dim,) each; saved with the model
+                self.register_buffer(name, torch.empty(cfg.text_dim))
         elif cfg.cond == "class":
             self.class_embedder = nn.Embedding(cfg.num_classes, D)
         else:
@@ -275,6 +283,8 @@ class DiT(nn.Module):
             nn.init.normal_(self.class_embedder.weight, std=0.02)
         else:
             nn.init.normal_(self.queries, std=D**-0.5)  # Scale-RAE: randn(N, H) / sqrt(H)
+            for buf, value in ((self.text_mean, 0), (self.text_std, 1), (self.pool_mean, 0), (self.pool_std, 1)):
+                buf.fill_(value)  # the identity until set_text_stats
         nn.init.zeros_(self.null_cond)  # Scale-RAE: zero-init null condition
         # adaLN-Zero: zero gates make every block the identity, and the zero final layer makes the model output 0
         for block in [*self.blocks, *self.head_blocks]:
@@ -294,15 +304,41 @@ class DiT(nn.Module):
         if self.cfg.cond == "class":
             y = self.class_embedder(cond)[:, None]  # (B, 1, D)
         else:
+            cond = (cond - self.text_mean) / self.text_std  # (B, T, Dt), per channel ~N(0, 1) over training captions
+            pooled = (cond.mean(1) - self.pool_mean) / self.pool_std  # (B, Dt), likewise
             queries = self.queries.expand(cond.shape[0], -1, -1)  # (B, N, D)
             h = torch.cat([self.text_proj(cond), queries], dim=1)  # (B, T + N, D)
             for block in self.connector:
                 h = block(h)
             y = self.text_out(self.text_norm(h[:, -self.cfg.num_tokens:]))  # (B, N, D): the query states
+            y = y + self.text_pool(pooled)[:, None]  # the pooled vector, the same for every token
         if drop is not None:
             # after the connector, as Scale-RAE drops after its LLM: the null is one vector for every token
             y = torch.where(drop[:, None, None], self.null_cond, y)
         return y
+
+    @torch.no_grad()
+    def set_text_stats(self, states, all_reduce=None):
+        """Fix the text standardisation from training captions; call once before training (train_dit.py does), and
+        the statistics travel in state_dict(). states: (K, T, text_dim) text states of this process's K captions.
+        all_reduce: sums a tensor over processes in place (torch.distributed.all_reduce), so every rank gets the
+        statistics of all their captions together."""
+        def mean_std(x):  # (M, Dt) -> per-channel mean and std over the M rows of every process
+            m = torch.stack([torch.full_like(x[0], len(x)), x.sum(0), (x * x).sum(0)])  # (3, Dt): n, sum, sum of squares
+            if all_reduce is not None:
+                all_reduce(m)
+            n, total, squares = m
+            mean = total / n
+            var = (squares / n - mean**2).clamp_min(0) * n / (n - 1).clamp_min(1)
+            # floor 1e-3: a channel that no caption moves (or one caption) is not blown up at sampling time
+            return mean, var.sqrt().clamp_min(1e-3)
+
+        states = states.to(self.text_mean.device, torch.float64)  # fp64 sums: the squares of ~1e6 values
+        text_mean, text_std = mean_std(states.flatten(0, 1))
+        pool_mean, pool_std = mean_std(((states - text_mean) / text_std).mean(1))
+        for buf, value in ((self.text_mean, text_mean), (self.text_std, text_std), (self.pool_mean, pool_mean),
+                           (self.pool_std, pool_std)):
+            buf.copy_(value)
 
     def forward(self, x, t, cond, drop=None):
         """x (B, N, C) noisy latents, t (B,) in [0, 1], cond: text states (B, T, text_dim) or class ids (B,),
@@ -332,7 +368,7 @@ def flops(cfg, training=True):
 
     f = 2 * N * C * D + 2 * (512 * D + D * D)  # x_embedder, t_embedder (256 Fourier frequencies -> 512 features)
     if cfg.cond == "text":
-        f += 2 * T * cfg.text_dim * D + cfg.connector_depth * block(T + N, D, 0) + 2 * N * D * D
+        f += 2 * T * cfg.text_dim * D + cfg.connector_depth * block(T + N, D, 0) + 2 * N * D * D + 2 * cfg.text_dim * D
     f += cfg.depth * block(N, D, n_cond)
     d_out = D
     if cfg.ddt_depth:

@@ -5,10 +5,12 @@ torch's counter, parameter counts of the RAE / Scale-RAE code) and one learning 
 """
 import json
 import math
+import socket
 from dataclasses import asdict
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -120,6 +122,58 @@ def test_absolute_positions_tell_identical_tokens_apart():
     x = torch.randn(2, 1, TINY["in_channels"]).expand(2, TINY["num_tokens"], -1)
     v = model(x, torch.rand(2), torch.tensor([0, 3]))  # (2, N, C)
     assert (v - v[:, :1]).abs().amax(dim=2)[:, 1:].min() > 1e-3
+
+
+def test_text_stats_standardise_the_training_captions_and_travel_in_the_state_dict():
+    # frozen-tower-like states: a large part common to every caption, a small part that differs (1% of the norm)
+    torch.manual_seed(0)
+    common = 3 * torch.randn(TINY["text_len"], TINY["text_dim"])
+    states = common + 0.03 * torch.randn(64, *common.shape)  # (K, T, Dt)
+    model = randomize(tiny())
+    x, t, cond = inputs(model)
+    v_identity = model(x, t, cond)  # before set_text_stats the standardisation is the identity
+    model.set_text_stats(states)
+    s = states.double()
+    mean, std = s.mean((0, 1)), s.std((0, 1))
+    pooled = ((s - mean) / std).mean(1)  # (K, Dt)
+    for buf, want in ((model.text_mean, mean), (model.text_std, std), (model.pool_mean, pooled.mean(0)),
+                      (model.pool_std, pooled.std(0))):
+        assert torch.allclose(buf.double(), want, rtol=1e-5, atol=1e-6)
+    # what text_pool sees: a pooled vector whose every channel varies over the captions with std 1, where the raw
+    # mean state varies by well under 1% of its norm
+    raw = states.mean(1)  # (K, Dt)
+    assert raw.std(0).max() < 0.01 * raw.norm(dim=1).mean()
+    standardised = ((states - model.text_mean) / model.text_std).mean(1)
+    standardised = (standardised - model.pool_mean) / model.pool_std
+    assert torch.allclose(standardised.std(0), torch.ones(TINY["text_dim"]), atol=1e-4)
+    assert not torch.allclose(model(x, t, cond), v_identity)
+    fresh = randomize(tiny())
+    fresh.load_state_dict(model.state_dict())  # persistent buffers: a checkpoint or export carries them
+    assert torch.equal(fresh.pool_std, model.pool_std) and torch.equal(fresh(x, t, cond), model(x, t, cond))
+
+
+def _text_stats_rank(rank, port, halves, folder):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    model = tiny()
+    model.set_text_stats(halves[rank], dist.all_reduce)
+    torch.save({k: v for k, v in model.state_dict().items() if k.startswith(("text_mean", "text_std", "pool_"))},
+               f"{folder}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_text_stats_over_two_ranks_equal_those_of_all_captions(tmp_path):
+    torch.manual_seed(0)
+    states = 2 + torch.randn(40, TINY["text_len"], TINY["text_dim"])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_text_stats_rank, args=(port, (states[:15], states[15:]), str(tmp_path)), nprocs=2)
+    whole = tiny()
+    whole.set_text_stats(states)
+    for rank in range(2):  # unequal shares (15 and 25 captions), and both ranks get the statistics of all 40
+        got = torch.load(tmp_path / f"{rank}.pt")
+        for k, v in got.items():
+            assert torch.allclose(v, whole.state_dict()[k], rtol=1e-5, atol=1e-6), (rank, k)
 
 
 def test_rope_2d_depends_only_on_grid_offsets():

@@ -231,7 +231,7 @@ def test_connector_lr_param_groups():
     names = {id(p): k for k, p in model.named_parameters()}
     trunk, conn = ({names[id(p)] for p in g["params"]} for g in opt.param_groups)
     assert [g["name"] for g in opt.param_groups] == ["dit", "connector"]
-    assert {k.split(".")[0] for k in conn} == {"text_proj", "queries", "connector", "text_norm", "text_out"}
+    assert {k.split(".")[0] for k in conn} == {"text_proj", "queries", "connector", "text_norm", "text_out", "text_pool"}
     assert trunk | conn == set(names.values()) and not trunk & conn
     lrs = []
     for step in (0, 24, 49, 50, 625, 1199):  # warmup, peak, cosine

@@ -18,6 +18,7 @@ exit 0) and dit.safetensors (EMA weights + config + latent description, for samp
 import argparse
 import copy
 import functools
+import itertools
 import json
 import math
 import os
@@ -69,6 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--clip", type=float, default=1.0, help="grad-norm clip (0: off)")
     p.add_argument("--ema", type=float, default=0.9995, help="EMA decay per step")
     p.add_argument("--p-drop", type=float, default=0.1, help="condition dropout to the learned null (for CFG)")
+    p.add_argument("--text-stats", type=int, default=1024, help="training captions (over all ranks) whose text states "
+                   "fix the DiT's text standardisation at step 0 (dit.DiT.set_text_stats)")
     p.add_argument("--fsdp", action="store_true", help="shard every block with FSDP2 fully_shard (else DDP)")
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing per DiT block")
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT")
@@ -139,7 +142,7 @@ def lr_at(step, args):
 
 def make_optimizer(model, args):
     """AdamW, betas as Scale-RAE's DiT. With --connector-lr the text connector (dit.py's text_proj, queries,
-    connector, text_norm, text_out) is a second param group; the default keeps one group, as older checkpoints have."""
+    connector, text_norm, text_out, text_pool) is a second param group; the default keeps one group, as older checkpoints have."""
     split = args.connector_lr != args.lr
     in_conn = lambda name: split and name.startswith(dit.CONNECTOR_PREFIXES)
     conn = [p for k, p in model.named_parameters() if in_conn(k)]
@@ -335,10 +338,23 @@ def main(args):
         img = decoder(frozen.rae.unnormalize(z.float())).clamp(-1, 1)  # (B, 3, H, W)
         data.save_image_grid(os.path.join(args.out, f"samples_{step:06d}.png"), img, prompts)
 
+    def text_states(batch):  # (b, T, Dt): cached, or from the frozen text tower
+        return batch["text"].to(device).float() if "z" in batch else frozen.text(batch["caption"])
+
     # loop
     micro = args.batch // (world * args.grad_accum)
     batches = data.infinite_batches(train_set, args.batch // world, rank, world, args.seed, args.workers, epoch, consumed)
     bad = data.BadSampleCounter()
+    if cfg.cond == "text" and step == 0:  # a fresh run: fix the text standardisation (a resumed one has it saved)
+        held, states = [], []
+        while sum(len(s) for s in states) < max(1, args.text_stats // world):  # this rank's share of the captions
+            held.append(next(batches))
+            states.append(text_states(held[-1][2]))
+        for m in (model, ema):
+            m.set_text_stats(torch.cat(states), dist.all_reduce if ddp else None)
+        batches = itertools.chain(held, batches)  # the batches read for it are then trained on, in order
+        if master:
+            print(f"text standardisation from {sum(len(s) for s in states) * world} training captions")
     log = open(os.path.join(args.out, "metrics.jsonl"), "a") if master else None
     bins_sum, bins_n = torch.zeros(10, device=device), torch.zeros(10, device=device)
     t0, seen = time.time(), 0
@@ -358,7 +374,7 @@ def main(args):
             z, cond = batch["z"].to(device, non_blocking=True), batch.get("text", batch.get("label")).to(device)
         else:
             z = frozen.images(batch["img"].to(device, non_blocking=True))  # (b, N, C)
-            cond = frozen.text(batch["caption"]) if cfg.cond == "text" else batch["label"].to(device)
+            cond = text_states(batch) if cfg.cond == "text" else batch["label"].to(device)
         loss_sum = torch.zeros((), device=device)
         for m in range(args.grad_accum):  # gradient accumulation that really accumulates: one step, one clip
             sl = slice(m * micro, (m + 1) * micro)
