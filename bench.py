@@ -3,6 +3,7 @@
     python bench.py rae          # SigLIP-2 vision tower images/s, ours vs transformers (fp32, CPU)
     python bench.py tokenizer    # Gemma tokenizer strings/s
     python bench.py dit          # DiT training step: time, FLOPs, achieved FLOP/s vs plain matmuls
+    python bench.py dit --compile  # the same step under torch.compile (inductor)
     python bench.py data         # data loading images/s per format
     python bench.py vae          # FLUX VAE encode/decode images/s, ours vs diffusers
     python bench.py toy          # after `python sample.py --demo`: where the toy demo's accuracy is lost
@@ -125,8 +126,11 @@ def bench_dit(args):
     text = torch.randn(B, cfg.text_len, cfg.text_dim)
     alpha = shift_alpha(cfg.num_tokens, cfg.in_channels)
 
+    # --compile: inductor fuses the elementwise work around the matmuls (adaLN modulate, RoPE, SwiGLU, norms)
+    train_model = torch.compile(model) if args.compile else model
+
     def step():
-        loss, _, _ = flow_loss(model, z, text, alpha)
+        loss, _, _ = flow_loss(train_model, z, text, alpha)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -158,9 +162,11 @@ def bench_dit(args):
                 self.add((b * h, n, n, d), 1 if fwd else 2)  # PV, (dV, dQ, dK share this size)
             return func(*args, **(kwargs or {}))
 
-    step()  # warm-up (allocator, AdamW state)
-    with MatmulShapes() as rec:
-        step()
+    step()  # warm-up (allocator, AdamW state; compilation with --compile)
+    with MatmulShapes() as rec:  # on the eager model: compiled kernels run below the dispatcher
+        loss, _, _ = flow_loss(model, z, text, alpha)
+        loss.backward()
+        opt.zero_grad(set_to_none=True)
     operands = [(torch.randn(b, m, k).squeeze(0), torch.randn(b, k, n).squeeze(0), count)
                 for (b, m, k, n), count in rec.shapes.items()]
 
@@ -175,7 +181,7 @@ def bench_dit(args):
     mm_flops = sum(2 * b * m * k * n * count for (b, m, k, n), count in rec.shapes.items())
     achieved, roofline = step_flops / step_s, mm_flops / mm_s
     print(f"DiT-S text mode (D {cfg.hidden_size}, depth {cfg.depth}), N {cfg.num_tokens}, C {cfg.in_channels}, "
-          f"T {cfg.text_len}, batch {B}, fp32, {torch.get_num_threads()} threads")
+          f"T {cfg.text_len}, batch {B}, fp32, {torch.get_num_threads()} threads, {'compiled' if args.compile else 'eager'}")
     print(f"train step (fwd + bwd + AdamW): {step_s:.3f} s")
     print(f"analytic FLOPs/step: {step_flops / 1e9:.1f} G (matmuls the step actually ran: {mm_flops / 1e9:.1f} G "
           f"in {sum(rec.shapes.values())} calls, {len(rec.shapes)} shapes)")
@@ -344,6 +350,7 @@ if __name__ == "__main__":
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--batch", type=int, default=4, help="images per forward in the encoder sections")
     p.add_argument("--iters", type=int, default=3, help="timed repetitions (the median is reported)")
+    p.add_argument("--compile", action="store_true", help="dit: time the training step under torch.compile")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
