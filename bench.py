@@ -181,7 +181,8 @@ def bench_dit(args):
     mm_flops = sum(2 * b * m * k * n * count for (b, m, k, n), count in rec.shapes.items())
     achieved, roofline = step_flops / step_s, mm_flops / mm_s
     print(f"DiT-S text mode (D {cfg.hidden_size}, depth {cfg.depth}), N {cfg.num_tokens}, C {cfg.in_channels}, "
-          f"T {cfg.text_len}, batch {B}, fp32, {torch.get_num_threads()} threads, {'compiled' if args.compile else 'eager'}")
+          f"T {cfg.text_len}, batch {B}, fp32, {torch.get_num_threads()} threads, "
+          f"{'compiled' if args.compile else 'eager'}")
     print(f"train step (fwd + bwd + AdamW): {step_s:.3f} s")
     print(f"analytic FLOPs/step: {step_flops / 1e9:.1f} G (matmuls the step actually ran: {mm_flops / 1e9:.1f} G "
           f"in {sum(rec.shapes.values())} calls, {len(rec.shapes)} shapes)")

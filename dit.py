@@ -242,7 +242,7 @@ class DiT(nn.Module):
             # norm, and AdamW learns a direction of its input at a rate proportional to that direction's size. So the
             # text states are standardised per channel with statistics of the training captions (set_text_stats),
             # and their standardised mean over the T positions (a pooled vector, as SD3 and Imagen add one) reaches
-            # every token's condition through text_pool. Measured in the README ("the text path").
+            # every token's condition through text_pool. Measured in the README ("How the colour gap was found").
             self.text_pool = nn.Linear(cfg.text_dim, D)
             for name in ("text_mean", "text_std", "pool_mean", "pool_std"):  # (text_dim,) each; saved with the model
                 self.register_buffer(name, torch.empty(cfg.text_dim))
@@ -324,7 +324,7 @@ class DiT(nn.Module):
         all_reduce: sums a tensor over processes in place (torch.distributed.all_reduce), so every rank gets the
         statistics of all their captions together."""
         def mean_std(x):  # (M, Dt) -> per-channel mean and std over the M rows of every process
-            m = torch.stack([torch.full_like(x[0], len(x)), x.sum(0), (x * x).sum(0)])  # (3, Dt): n, sum, sum of squares
+            m = torch.stack([torch.full_like(x[0], len(x)), x.sum(0), (x * x).sum(0)])  # (3, Dt): n, sum, squares
             if all_reduce is not None:
                 all_reduce(m)
             n, total, squares = m

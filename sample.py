@@ -167,14 +167,15 @@ def main(args):
     if args.score:
         truth = data.toy_truth(todo)  # None for prompts that are not toy-world captions
         if truth is not None:
-            show = lambda acc: ", ".join(f"{k} {v:.1%}" for k, v in acc.items() if k != "n" and v == v)  # v == v: not NaN
+            show = lambda acc: ", ".join(f"{k} {v:.1%}" for k, v in acc.items() if k != "n" and v == v)  # not NaN
             acc = data.score_toy(img.cpu(), truth)
             print(f"toy GenEval: {show(acc)}, n {acc['n']}")
             # by kind of prompt: two objects need each colour bound to its own position, which one object does not
             for kind, count in (("one object", 1), ("two objects", 2), ("a word", 0)):
                 idx = [i for i, a in enumerate(truth) if len(a.get("objects", [])) == count]
                 if idx and len(idx) < len(truth):
-                    print(f"  {kind:11s} ({len(idx)} prompts): {show(data.score_toy(img[idx].cpu(), [truth[i] for i in idx]))}")
+                    part = data.score_toy(img[idx].cpu(), [truth[i] for i in idx])
+                    print(f"  {kind:11s} ({len(idx)} prompts): {show(part)}")
             return acc
 
 

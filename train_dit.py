@@ -142,7 +142,8 @@ def lr_at(step, args):
 
 def make_optimizer(model, args):
     """AdamW, betas as Scale-RAE's DiT. With --connector-lr the text connector (dit.py's text_proj, queries,
-    connector, text_norm, text_out, text_pool) is a second param group; the default keeps one group, as older checkpoints have."""
+    connector, text_norm, text_out, text_pool) is a second param group; the default keeps one group, as older
+    checkpoints have."""
     split = args.connector_lr != args.lr
     in_conn = lambda name: split and name.startswith(dit.CONNECTOR_PREFIXES)
     conn = [p for k, p in model.named_parameters() if in_conn(k)]
@@ -350,11 +351,13 @@ def main(args):
         while sum(len(s) for s in states) < max(1, args.text_stats // world):  # this rank's share of the captions
             held.append(next(batches))
             states.append(text_states(held[-1][2]))
-        for m in (model, ema):
-            m.set_text_stats(torch.cat(states), dist.all_reduce if ddp else None)
+        states = torch.cat(states)  # (K, T, Dt)
+        model.set_text_stats(states, dist.all_reduce if ddp else None)
+        for e, b in zip(ema.buffers(), model.buffers()):  # the EMA copy takes the same statistics, computed once
+            e.copy_(b)
         batches = itertools.chain(held, batches)  # the batches read for it are then trained on, in order
         if master:
-            print(f"text standardisation from {sum(len(s) for s in states) * world} training captions")
+            print(f"text standardisation from {len(states) * world} training captions")
     log = open(os.path.join(args.out, "metrics.jsonl"), "a") if master else None
     bins_sum, bins_n = torch.zeros(10, device=device), torch.zeros(10, device=device)
     t0, seen = time.time(), 0
@@ -371,10 +374,10 @@ def main(args):
         bad.update(batch.get("bad", {}))
         lr = set_lr(opt, step, args)
         if "z" in batch:  # --cache-latents: latents and text states were encoded once, no frozen tower runs here
-            z, cond = batch["z"].to(device, non_blocking=True), batch.get("text", batch.get("label")).to(device)
+            z = batch["z"].to(device, non_blocking=True)
         else:
             z = frozen.images(batch["img"].to(device, non_blocking=True))  # (b, N, C)
-            cond = text_states(batch) if cfg.cond == "text" else batch["label"].to(device)
+        cond = text_states(batch) if cfg.cond == "text" else batch["label"].to(device)
         loss_sum = torch.zeros((), device=device)
         for m in range(args.grad_accum):  # gradient accumulation that really accumulates: one step, one clip
             sl = slice(m * micro, (m + 1) * micro)
