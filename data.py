@@ -502,28 +502,78 @@ TOY_VISION = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, n
 TOY_TEXT = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4)
 
 
+TOY_WINDOW = (2, 5)  # each toy text state adds the words 2 to 5 places before it (see contextual_text_tower)
+
+
+def contextual_text_tower(model, word_dims=96, sharpness=0.2):
+    """Rebuild the toy text tower (in place) so that every token state carries the words a few places before it, as
+    a trained text tower's states carry their context: "left" in "a red circle on the left" then says "red circle".
+    A random tower cannot do this (its attention mixes all 64 positions alike): the left object's colour is 61%
+    readable from the state of "left" through it, 100% through this one, and the DiT's connector, which has no
+    positions of its own, can only bind a colour to an object through such states. How: words live in the first
+    word_dims channels, positions in the rest as sin/cos of 16 slow frequencies; block 0's queries are the position
+    code rotated back by the window's centre, so attention peaks on the words TOY_WINDOW places back, and its values
+    copy the word channels. The MLPs and block 1 are switched off; shapes and keys stay those of the HF format."""
+    tower, g = model.text, torch.Generator().manual_seed(0)
+    D, heads = tower.pos_embed.shape[1], tower.blocks[0].attn.heads
+    hd, P = D // heads, D - word_dims
+    assert P == hd and P % 2 == 0 and word_dims % hd == 0, "one head's width of position channels"
+    center = sum(TOY_WINDOW) / 2  # 3.5 places back
+    omega = 2 * math.pi * torch.arange(1, P // 2 + 1) / 128  # (P/2,): periods >= 128 positions, no wrap-around in 64
+    with torch.no_grad():
+        for name, p in tower.named_parameters():
+            if not name.startswith("head."):  # the pooling head stays random: sample.py --score uses it
+                p.zero_()
+        tower.token_embed.weight[:, :word_dims] = torch.randn(tower.token_embed.weight.shape[0], word_dims,
+                                                              generator=g) * math.sqrt(D) / word_dims
+        angles = torch.arange(tower.pos_embed.shape[0])[:, None] * omega  # (T, P/2)
+        tower.pos_embed[:, word_dims:] = torch.cat([angles.cos(), angles.sin()], dim=1)
+        for norm in [tower.final_norm, *(n for b in tower.blocks for n in (b.norm1, b.norm2))]:
+            norm.weight.fill_(1)
+        # rotation of the position code of i to that of i - center: per frequency a 2 x 2 rotation by -omega * center
+        c, s = torch.cos(omega * center), torch.sin(omega * center)
+        back = torch.zeros(P, P)
+        back[range(P // 2), range(P // 2)], back[range(P // 2, P), range(P // 2, P)] = c, c
+        back[range(P // 2), range(P // 2, P)], back[range(P // 2, P), range(P // 2)] = s, -s
+        qkv, proj = tower.blocks[0].attn.qkv.weight, tower.blocks[0].attn.proj.weight  # (3D, D), (D, D)
+        for h in range(word_dims // hd):  # the heads that carry words; the last one stays zero
+            rows = slice(h * hd, (h + 1) * hd)
+            qkv[rows, word_dims:] = sharpness * back  # q = position of i, moved back to i - center
+            qkv[D + h * hd: D + (h + 1) * hd, word_dims:] = torch.eye(P)  # k = position of j
+            qkv[2 * D + h * hd: 2 * D + (h + 1) * hd, rows] = torch.eye(hd)  # v = one slice of j's word channels
+            proj[rows, rows] = torch.eye(hd)  # ... added back to the same slice of i's
+    return model
+
+
 def toy_encoder(path="toy_encoder", size=112):
     """Write the toy SigLIP-2 to `path` if missing, then load it: a model with .vision, .text, .tokenizer.
     112 px with patch 14: an 8 x 8 grid, 64 latent tokens of 128 channels. At 224 px (256 tokens) the CPU demo's
-    decoder and DiT cost 4x as much per image and do not fit its 15-minute budget."""
+    decoder and DiT cost 4x as much per image and do not fit its 15-minute budget. The vision tower is random; the
+    text tower is built to give contextual states (contextual_text_tower)."""
     import rae  # here, not at the top: everything else in this file works without rae.py
 
     if not os.path.exists(path):
         # Write to a private folder, then rename: several ranks may start at once and must not see half a folder.
         tmp = f"{path}.tmp{os.getpid()}"
-        # text_residual_scale 0.1: a random text tower at full scale scrambles its tokens (a swapped colour word moved
-        # its own token state by 25% of its norm), and the toy DiT never learned colours from it in a demo's budget;
-        # near the identity the word survives (77%, `python bench.py toy`), as it does through a trained tower.
-        rae.write_tiny_siglip2(tmp, toy_vocab(), vision=dict(TOY_VISION, image_size=size), text=TOY_TEXT, seed=0,
-                               text_residual_scale=0.1)
+        rae.write_tiny_siglip2(tmp, toy_vocab(), vision=dict(TOY_VISION, image_size=size), text=TOY_TEXT, seed=0)
+        model = contextual_text_tower(rae.load_siglip2(tmp))
+        rae.save_safetensors(os.path.join(tmp, "model.safetensors"), rae.ours_to_hf(model.state_dict()),
+                             metadata={"format": "pt"})
+        with open(os.path.join(tmp, "config.json")) as f:
+            config = json.load(f)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump({**config, "toy_text_window": list(TOY_WINDOW)}, f, indent=2)
         try:
             os.rename(tmp, path)
         except OSError:  # another rank won the race
             shutil.rmtree(tmp)
     with open(os.path.join(path, "config.json")) as f:
-        written = json.load(f)["vision_config"]["image_size"]
-    if written != size:
-        raise ValueError(f"{path} holds a toy encoder for {written} px images, not {size}: delete it or pick a path")
+        config = json.load(f)
+    if config.get("toy_text_window") != list(TOY_WINDOW):
+        raise ValueError(f"{path} holds an older toy encoder (its text tower has no context window): delete it")
+    if config["vision_config"]["image_size"] != size:
+        raise ValueError(f"{path} holds a toy encoder for {config['vision_config']['image_size']} px images, not "
+                         f"{size}: delete it or pick a path")
     return rae.load_siglip2(path)
 
 

@@ -32,7 +32,7 @@ class DiTConfig:
     qk_norm: bool = False  # RMSNorm on q and k per head (off in both papers' released configs)
     cond: str = "text"  # "text": per-token condition from the connector; "class": one embedding per sample
     text_dim: int = 1152  # width of the text tower's token states
-    text_len: int = 64  # T: text tokens per prompt (the model takes any T; this only enters the FLOP count)
+    text_len: int = 64  # T: the model reads the first text_len text states (shorter prompts are padded to it)
     connector_depth: int = 2  # blocks over [text tokens ; N queries]; must be >= 1 in text mode
     num_classes: int = 1000
     ddt_depth: int = 0  # wide DDT head (RAE's DiT-DH) after the trunk: number of blocks, 0 = no head
@@ -59,7 +59,7 @@ PRESETS = {
     # CPU demos: in_channels / num_tokens / text_dim / text_len must match the (toy) encoder; override them from it.
     # Sized for the demo's budget: about 1.6 GFLOPs per training sample on the 8 x 8 x 128 toy latent.
     "toy": dict(in_channels=128, num_tokens=64, hidden_size=192, depth=4, num_heads=3, cond="text", text_dim=128,
-                text_len=64, connector_depth=1),  # 3.5M
+                text_len=24, connector_depth=1),  # 3.5M
 }
 
 
@@ -304,7 +304,8 @@ class DiT(nn.Module):
         if self.cfg.cond == "class":
             y = self.class_embedder(cond)[:, None]  # (B, 1, D)
         else:
-            cond = (cond - self.text_mean) / self.text_std  # (B, T, Dt), per channel ~N(0, 1) over training captions
+            cond = cond[:, : self.cfg.text_len]  # (B, T, Dt): a tower padding to more positions adds only pads
+            cond = (cond - self.text_mean) / self.text_std  # per channel ~N(0, 1) over training captions
             pooled = (cond.mean(1) - self.pool_mean) / self.pool_std  # (B, Dt), likewise
             queries = self.queries.expand(cond.shape[0], -1, -1)  # (B, N, D)
             h = torch.cat([self.text_proj(cond), queries], dim=1)  # (B, T + N, D)
@@ -333,7 +334,7 @@ class DiT(nn.Module):
             # floor 1e-3: a channel that no caption moves (or one caption) is not blown up at sampling time
             return mean, var.sqrt().clamp_min(1e-3)
 
-        states = states.to(self.text_mean.device, torch.float64)  # fp64 sums: the squares of ~1e6 values
+        states = states[:, : self.cfg.text_len].to(self.text_mean.device, torch.float64)  # fp64: squares of ~1e6 values
         text_mean, text_std = mean_std(states.flatten(0, 1))
         pool_mean, pool_std = mean_std(((states - text_mean) / text_std).mean(1))
         for buf, value in ((self.text_mean, text_mean), (self.text_std, text_std), (self.pool_mean, pool_mean),

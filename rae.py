@@ -999,11 +999,9 @@ def gemma_tokenizer_json(words, max_len=64):
     raise ValueError("gemma_tokenizer_json: could not make every word a single token")
 
 
-def write_tiny_siglip2(path, words, vision=None, text=None, seed=0, text_residual_scale=1.0):
+def write_tiny_siglip2(path, words, vision=None, text=None, seed=0):
     """Write a random-weight SigLIP-2 snapshot in the real HF format: config.json, model.safetensors (HF key
-    names and layouts) and a Gemma-format tokenizer.json over `words`. vision/text override config fields.
-    text_residual_scale multiplies the text blocks' output projections (attention out_proj, MLP fc2): below 1 the
-    random blocks only perturb the residual stream, so each token state still says which word it is."""
+    names and layouts) and a Gemma-format tokenizer.json over `words`. vision/text override config fields."""
     os.makedirs(path, exist_ok=True)
     tok = gemma_tokenizer_json(words)
     small = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
@@ -1019,8 +1017,6 @@ def write_tiny_siglip2(path, words, vision=None, text=None, seed=0, text_residua
                 p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(0.02 * torch.randn(p.shape, generator=g))
-            if name.startswith("text.blocks.") and name.endswith(("attn.proj.weight", "mlp.fc2.weight")):
-                p.mul_(text_residual_scale)
         model.logit_scale.data.fill_(math.log(10.0))
         model.logit_bias.data.fill_(-10.0)
     save_safetensors(os.path.join(path, "model.safetensors"), ours_to_hf(model.state_dict()), metadata={"format": "pt"})

@@ -35,7 +35,8 @@ def parse_args(argv=None):
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts", help="a text file with one prompt per line")
     p.add_argument("--n", type=int, default=1, help="samples per prompt")
-    p.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (1: off)")
+    p.add_argument("--cfg", type=float, default=None,
+                   help="classifier-free guidance scale (1: off; default 4, and 1 for --demo, where it scores best)")
     p.add_argument("--cfg-interval", type=float, nargs=2, default=(0.0, 1.0), help="apply CFG only for t in [lo, hi]")
     p.add_argument("--steps", type=int, default=50, help="sampler steps")
     p.add_argument("--sampler", choices=["euler", "heun"], default="euler", help="ODE integrator")
@@ -50,6 +51,9 @@ def parse_args(argv=None):
         p.error("--steps, --n and --batch must be positive")
     if not args.demo and not args.ckpt:
         p.error("--ckpt is required (or --demo)")
+    if args.cfg is None:
+        # the toy DiT's shapes come out sharper unguided (shape 54% at CFG 1, 34% at CFG 4; colour 100% at both)
+        args.cfg = 1.0 if args.demo else 4.0
     return args
 
 

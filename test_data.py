@@ -520,6 +520,27 @@ def test_toy_encoder_written_once_in_hf_format_and_loaded(tmp_path):
         data.toy_encoder(path, size=224)
 
 
+def test_toy_text_tower_gives_each_word_the_words_just_before_it(tmp_path):
+    model = data.toy_encoder(str(tmp_path / "toy_encoder"))
+    base = "a drawing of a red circle on the left"  # "left" is token 8 (0-based)
+    def left_state(caption):
+        ids = model.tokenizer([caption])
+        with torch.no_grad():
+            return model.text(ids)[0, 8]
+    ref = left_state(base)
+    moved = lambda caption: ((left_state(caption) - ref).norm() / ref.norm()).item()
+    assert moved("a drawing of a blue circle on the left") > 0.1  # the colour, 4 places back: 24%
+    assert moved("a drawing of a red star on the left") > 0.1  # the shape, 3 places back: 27%
+    assert moved("a picture of a red circle on the left") < 0.02  # 7 places back, outside the window: 0.6%
+    with open(tmp_path / "toy_encoder" / "config.json") as f:
+        config = json.load(f)
+    del config["toy_text_window"]  # a folder written before the window: refused, not silently used
+    with open(tmp_path / "toy_encoder" / "config.json", "w") as f:
+        json.dump(config, f)
+    with pytest.raises(ValueError, match="older toy encoder"):
+        data.toy_encoder(str(tmp_path / "toy_encoder"))
+
+
 # ----------------------------------------------------------------------------- for the training loop
 def test_infinite_batches_split_ranks_and_resume_exactly():
     ds = data.ToyWorld(16, length=50)

@@ -195,6 +195,18 @@ def test_rope_2d_depends_only_on_grid_offsets():
     assert torch.allclose(apply_rope(q.expand(1, 1, 36, hd), rope).norm(dim=-1), q.norm().expand(1, 1, 36))
 
 
+def test_connector_reads_the_first_text_len_states_as_a_bag():
+    model = randomize(tiny("text"))
+    cond = torch.randn(2, TINY["text_len"], TINY["text_dim"])
+    y = model.embed_condition(cond)
+    # states past text_len (a tower that pads to more positions than the prompts need) are not read
+    assert torch.equal(model.embed_condition(torch.cat([cond, torch.randn(2, 3, TINY["text_dim"])], 1)), y)
+    # the connector has no positions of its own: word order, and so which colour goes with which object, must come
+    # from the text tower's states (the toy tower's window, a real tower's attention)
+    assert torch.allclose(model.embed_condition(cond[:, [1, 0, *range(2, TINY["text_len"])]]), y, atol=1e-5)
+    assert model.embed_condition(cond[:, :2]).shape == y.shape
+
+
 @pytest.mark.parametrize("kw", [dict(cond="text"), dict(cond="class"),
                                 dict(cond="text", ddt_depth=1, ddt_width=48, ddt_heads=3)])
 def test_analytic_flops_equal_torch_flop_counter(kw):
