@@ -338,7 +338,8 @@ def bench_toy(args):
     prompts, left = [], []
     for _ in range(1200):
         a, b = rng.choice(list(data.COLORS), 2, replace=False)
-        parts = [f"{data.article(c)} {c} {rng.choice(data.SHAPES)} on the {side}" for c, side in ((a, "left"), (b, "right"))]
+        parts = [f"{data.article(c)} {c} {rng.choice(data.SHAPES)} on the {side}"
+                 for c, side in ((a, "left"), (b, "right"))]
         prompts.append(" and ".join(parts[::-1] if rng.random() < 0.5 else parts))
         left.append(list(data.COLORS).index(a))
     left, ids = torch.tensor(left), enc.tokenizer(prompts)

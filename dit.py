@@ -32,7 +32,7 @@ class DiTConfig:
     qk_norm: bool = False  # RMSNorm on q and k per head (off in both papers' released configs)
     cond: str = "text"  # "text": per-token condition from the connector; "class": one embedding per sample
     text_dim: int = 1152  # width of the text tower's token states
-    text_len: int = 64  # T: the model reads the first text_len text states (shorter prompts are padded to it)
+    text_len: int = 64  # T: the connector reads the first text_len text states (the tower's 64 for real prompts)
     connector_depth: int = 2  # blocks over [text tokens ; N queries]; must be >= 1 in text mode
     num_classes: int = 1000
     ddt_depth: int = 0  # wide DDT head (RAE's DiT-DH) after the trunk: number of blocks, 0 = no head
@@ -56,8 +56,9 @@ PRESETS = {
     # "9.8B": D 3072 / 48 layers / 48 heads as listed in the repo's training docs, but that counts 8.19B, not 9.8B
     # (about 58 layers would give 9.8B); the true config is unpublished, we keep the listed one.
     "T2I-9.8B": dict(hidden_size=3072, depth=48, num_heads=48, cond="text"),  # 8.43B
-    # CPU demos: in_channels / num_tokens / text_dim / text_len must match the (toy) encoder; override them from it.
-    # Sized for the demo's budget: about 1.6 GFLOPs per training sample on the 8 x 8 x 128 toy latent.
+    # CPU demos: in_channels / num_tokens / text_dim must match the (toy) encoder; override them from it. text_len 24:
+    # toy captions have at most 17 tokens, the rest of the tower's 64 are pads. Sized for the demo's budget: about 1.4
+    # GFLOPs per training sample on the 8 x 8 x 128 toy latent.
     "toy": dict(in_channels=128, num_tokens=64, hidden_size=192, depth=4, num_heads=3, cond="text", text_dim=128,
                 text_len=24, connector_depth=1),  # 3.5M
 }

@@ -257,8 +257,9 @@ def main(args):
 
     # trainable model + EMA
     preset = dict(dit.PRESETS[args.model])
-    preset.update(in_channels=C, num_tokens=N, text_dim=frozen.siglip.text.pos_embed.shape[1] if frozen.siglip.text else 0,
-                  text_len=min(preset.get("text_len", 64), frozen.siglip.text.pos_embed.shape[0]) if frozen.siglip.text else 0)
+    tower = frozen.siglip.text
+    preset.update(in_channels=C, num_tokens=N, text_dim=tower.pos_embed.shape[1] if tower else 0,
+                  text_len=min(preset.get("text_len", 64), tower.pos_embed.shape[0]) if tower else 0)  # <= the tower's
     if args.class_cond:
         preset.update(cond="class", num_classes=len(getattr(train_set, "classes", [])) or preset.get("num_classes", 1000))
     else:
