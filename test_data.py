@@ -532,6 +532,10 @@ def test_toy_text_tower_gives_each_word_the_words_just_before_it(tmp_path):
     assert moved("a drawing of a blue circle on the left") > 0.1  # the colour, 4 places back: 24%
     assert moved("a drawing of a red star on the left") > 0.1  # the shape, 3 places back: 27%
     assert moved("a picture of a red circle on the left") < 0.02  # 7 places back, outside the window: 0.6%
+    # the toy DiT reads the first 24 text states (dit.PRESETS["toy"]["text_len"]): every toy caption fits, with EOS
+    import dit
+    longest = max(len(model.tokenizer.encode(c.lower())) + 1 for c, _ in data.toy_prompts(2000))
+    assert longest == 17 <= dit.PRESETS["toy"]["text_len"]
     with open(tmp_path / "toy_encoder" / "config.json") as f:
         config = json.load(f)
     del config["toy_text_window"]  # a folder written before the window: refused, not silently used
