@@ -425,14 +425,21 @@ def loss_per_t_bin(per_sample_loss, t, bins=10):
 
 # ----------------------------------------------------------------------------- sampler
 @torch.no_grad()
-def sample(model, noise, cond, alpha, steps=50, method="euler", cfg=1.0, cfg_interval=(0.0, 1.0), progress=False):
+def sample(model, noise, cond, alpha, steps=50, method="euler", cfg=1.0, cfg_interval=(0.0, 1.0), progress=False,
+           eta=1.0, generator=None):
     """Integrate dx/dt = v(x, t) from t = 1 (noise (B, N, C)) to t = 0 on the shifted grid
     time_shift(linspace(1, 0, steps + 1), alpha), with Euler (steps NFEs) or Heun (2 * steps NFEs).
     CFG: v = v_u + cfg * (v_c - v_u) where t is in cfg_interval (conditional only elsewhere), cond and uncond batched
     in one forward. Only model(x, t, cond, drop) is called, so any wrapper (DDP, FSDP, compile) works; the price is
-    that the text connector reruns at every step (a few blocks next to the trunk's depth)."""
-    if method not in ("euler", "heun"):
-        raise ValueError(f"method must be 'euler' or 'heun', got {method!r}")
+    that the text connector reruns at every step (a few blocks next to the trunk's depth).
+    "stochastic": each step splits x_t into the model's clean estimate x0 = x - t v and noise estimate e = x + (1 - t) v,
+    and steps to x_s = (1 - s) x0 + s (sqrt(1 - eta^2) e + eta xi) with fresh noise xi (B, N, C) from `generator`.
+    eta = 0 is exactly Euler; eta = 1 re-noises the clean estimate (multistep consistency-model sampling). Fresh
+    noise lets later steps correct what earlier ones got wrong: on the toy DiT, shape 56% (Euler) -> 68-73% (README)."""
+    if method not in ("euler", "heun", "stochastic"):
+        raise ValueError(f"method must be 'euler', 'heun' or 'stochastic', got {method!r}")
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must be in [0, 1], got {eta}")
     # the grid ends exactly at t = 0 (the official samplers stop at t ~ 0.007 or step back up to t = 1)
     ts = time_shift(torch.linspace(1, 0, steps + 1, dtype=torch.float64), alpha).tolist()
     B = noise.shape[0]
@@ -453,6 +460,10 @@ def sample(model, noise, cond, alpha, steps=50, method="euler", cfg=1.0, cfg_int
         v = velocity(x, t)
         if method == "euler":
             x = x + (t_next - t) * v
+        elif method == "stochastic":
+            x0, e = x - t * v, x + (1 - t) * v  # (B, N, C) each; x = (1 - t) x0 + t e
+            xi = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = (1 - t_next) * x0 + t_next * ((1 - eta**2) ** 0.5 * e + eta * xi)
         else:  # Heun: average the slopes at both ends of the step (trapezoid rule, second order)
             x_next = x + (t_next - t) * v
             x = x + (t_next - t) * 0.5 * (v + velocity(x_next, t_next))

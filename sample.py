@@ -39,7 +39,9 @@ def parse_args(argv=None):
                    help="classifier-free guidance scale (1: off; default 4, and 1 for --demo, where it scores best)")
     p.add_argument("--cfg-interval", type=float, nargs=2, default=(0.0, 1.0), help="apply CFG only for t in [lo, hi]")
     p.add_argument("--steps", type=int, default=50, help="sampler steps")
-    p.add_argument("--sampler", choices=["euler", "heun"], default="euler", help="ODE integrator")
+    p.add_argument("--sampler", choices=["euler", "heun", "stochastic"], default="euler",
+                   help="Euler / Heun ODE, or stochastic: fresh noise each step (dit.sample; --demo uses it)")
+    p.add_argument("--eta", type=float, default=1.0, help="stochastic sampler: share of fresh noise (0: Euler)")
     p.add_argument("--batch", type=int, default=16, help="samples per forward")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--out", default="samples", help="output folder: one PNG per sample + grid.png")
@@ -142,7 +144,7 @@ def main(args):
             cond = siglip.text(siglip.tokenizer(chunk).to(device)).float()
             latents.append(dit.sample(model, noise[i:i + len(chunk)], cond, alpha, steps=args.steps,
                                       method=args.sampler, cfg=args.cfg, cfg_interval=tuple(args.cfg_interval),
-                                      progress=True).float())
+                                      progress=True, eta=args.eta, generator=g).float())
     z = torch.cat(latents)  # (len(todo), N, C)
     print(f"{len(todo)} samples in {time.time() - t0:.1f}s")
     os.makedirs(args.out, exist_ok=True)
@@ -209,6 +211,7 @@ def demo(args):
     out = os.path.join("runs", "toy_demo")
     acc = main(parse_args(["--ckpt", "runs/toy_dit", "--decoder", "runs/toy_decoder/decoder.safetensors",
                            "--out", out, "--score", "--cfg", str(args.cfg), "--steps", "30", "--batch", "48",
+                           "--sampler", "stochastic",
                            *sum((["--prompt", p] for p in prompts), [])]))
     print(f"demo done in {(time.time() - t0) / 60:.1f} min: grid at {out}/grid.png")
     return acc

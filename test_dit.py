@@ -298,6 +298,24 @@ class Recorder:
         return self.field(x, t[:, None, None])
 
 
+def test_stochastic_sampler_is_euler_at_eta_0_and_lands_on_a_point_mass_at_any_eta():
+    c = torch.randn(1, 4, 3, dtype=torch.float64)
+    noise = torch.randn(2, 4, 3, dtype=torch.float64)
+    euler = sample(Recorder(lambda x, t: c.expand_as(x)), noise, None, alpha=5.0, steps=7)
+    z = sample(Recorder(lambda x, t: c.expand_as(x)), noise, None, alpha=5.0, steps=7, method="stochastic", eta=0.0)
+    assert torch.allclose(z, euler, atol=1e-12)
+    # data = the single point z0: the exact field is v = (x - z0) / t, so every clean estimate x - t v is z0, and
+    # however much fresh noise the steps add, the last one (to t = 0) returns z0
+    z0 = torch.randn(1, 4, 3, dtype=torch.float64)
+    for eta in (0.5, 1.0):
+        g = torch.Generator().manual_seed(0)
+        z = sample(Recorder(lambda x, t: (x - z0) / t), noise, None, alpha=3.0, steps=9, method="stochastic",
+                   eta=eta, generator=g)
+        assert torch.allclose(z, z0.expand_as(z), atol=1e-10)
+    with pytest.raises(ValueError, match="eta must be in"):
+        sample(Recorder(lambda x, t: x), noise, None, alpha=1.0, steps=2, method="stochastic", eta=1.5)
+
+
 @pytest.mark.parametrize("method", ["euler", "heun"])
 def test_sampler_integrates_a_constant_velocity_exactly(method):
     c = torch.randn(1, 4, 3, dtype=torch.float64)
