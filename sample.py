@@ -53,6 +53,8 @@ def parse_args(argv=None):
         p.error("--steps, --n and --batch must be positive")
     if not args.demo and not args.ckpt:
         p.error("--ckpt is required (or --demo)")
+    if not 0.0 <= args.eta <= 1.0:
+        p.error(f"--eta must be in [0, 1], got {args.eta}")
     if args.cfg is None:
         # the toy DiT's shapes come out sharper unguided (shape 56.8% at CFG 1, 28.8% at CFG 4; colour 100% at both)
         args.cfg = 1.0 if args.demo else 4.0
