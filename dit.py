@@ -433,7 +433,8 @@ def sample(model, noise, cond, alpha, steps=50, method="euler", cfg=1.0, cfg_int
     in one forward. Only model(x, t, cond, drop) is called, so any wrapper (DDP, FSDP, compile) works; the price is
     that the text connector reruns at every step (a few blocks next to the trunk's depth).
     "stochastic": each step splits x_t into the model's clean estimate x0 = x - t v and noise estimate e = x + (1 - t) v,
-    and steps to x_s = (1 - s) x0 + s (sqrt(1 - eta^2) e + eta xi) with fresh noise xi (B, N, C) from `generator`.
+    and steps to x_s = (1 - s) x0 + s (sqrt(1 - eta^2) e + eta xi) with fresh noise xi (B, N, C) from `generator`:
+    one torch.Generator, or a list of B (row b's noise from generator[b], so a sample does not depend on its batch).
     eta = 0 is exactly Euler; eta = 1 re-noises the clean estimate (multistep consistency-model sampling). Fresh
     noise lets later steps correct what earlier ones got wrong: on the toy DiT, shape 56% (Euler) -> 68-73% (README)."""
     if method not in ("euler", "heun", "stochastic"):
@@ -462,7 +463,11 @@ def sample(model, noise, cond, alpha, steps=50, method="euler", cfg=1.0, cfg_int
             x = x + (t_next - t) * v
         elif method == "stochastic":
             x0, e = x - t * v, x + (1 - t) * v  # (B, N, C) each; x = (1 - t) x0 + t e
-            xi = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            if isinstance(generator, (list, tuple)):  # one generator per row
+                xi = torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device, dtype=x.dtype)
+                                  for g in generator])
+            else:
+                xi = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             x = (1 - t_next) * x0 + t_next * ((1 - eta**2) ** 0.5 * e + eta * xi)
         else:  # Heun: average the slopes at both ends of the step (trapezoid rule, second order)
             x_next = x + (t_next - t) * v

@@ -43,7 +43,7 @@ def parse_args(argv=None):
                    help="Euler / Heun ODE, or stochastic: fresh noise each step (dit.sample; --demo uses it)")
     p.add_argument("--eta", type=float, default=1.0, help="stochastic sampler: share of fresh noise (0: Euler)")
     p.add_argument("--batch", type=int, default=16, help="samples per forward")
-    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (image j of the run: seed * 1e6 + j, whatever --batch)")
     p.add_argument("--out", default="samples", help="output folder: one PNG per sample + grid.png")
     p.add_argument("--save-latents", action="store_true", help="also save the latents as latents.safetensors")
     p.add_argument("--score", action="store_true", help="print SigLIP scores of the latents (+ toy GenEval)")
@@ -134,10 +134,11 @@ def main(args):
         h = 2 * math.isqrt(cfg.num_tokens)
         decode = lambda z: flux.decode(vae_mod.unpatchify(z, h, h))
 
-    # sample in batches: prompt i repeated n times, the noise a function of --seed only
+    # sample in batches: prompt i repeated n times. Image j draws its starting noise and the stochastic sampler's
+    # fresh noise from its own generator, seeded seed * 1e6 + j: the same image j whatever --batch
     todo = [p for p in prompts for _ in range(args.n)]
-    g = torch.Generator(device).manual_seed(args.seed)
-    noise = torch.randn(len(todo), cfg.num_tokens, cfg.in_channels, generator=g, device=device)
+    gens = [torch.Generator(device).manual_seed(args.seed * 1_000_000 + j) for j in range(len(todo))]
+    noise = torch.stack([torch.randn(cfg.num_tokens, cfg.in_channels, generator=g, device=device) for g in gens])
     latents = []
     t0 = time.time()
     for i in range(0, len(todo), args.batch):
@@ -146,7 +147,7 @@ def main(args):
             cond = siglip.text(siglip.tokenizer(chunk).to(device)).float()
             latents.append(dit.sample(model, noise[i:i + len(chunk)], cond, alpha, steps=args.steps,
                                       method=args.sampler, cfg=args.cfg, cfg_interval=tuple(args.cfg_interval),
-                                      progress=True, eta=args.eta, generator=g).float())
+                                      progress=True, eta=args.eta, generator=gens[i:i + len(chunk)]).float())
     z = torch.cat(latents)  # (len(todo), N, C)
     print(f"{len(todo)} samples in {time.time() - t0:.1f}s")
     os.makedirs(args.out, exist_ok=True)

@@ -316,6 +316,18 @@ def test_stochastic_sampler_is_euler_at_eta_0_and_lands_on_a_point_mass_at_any_e
         sample(Recorder(lambda x, t: x), noise, None, alpha=1.0, steps=2, method="stochastic", eta=1.5)
 
 
+def test_stochastic_sampler_with_one_generator_per_row_matches_each_row_alone():
+    field = lambda x, t: x * (1 + t) - 0.5  # any field that depends on x and t
+    noise = torch.randn(3, 4, 2, dtype=torch.float64)
+    gens = [torch.Generator().manual_seed(s) for s in (5, 6, 7)]
+    z = sample(Recorder(field), noise, None, alpha=2.0, steps=4, method="stochastic", generator=gens)
+    for b, s in enumerate((5, 6, 7)):
+        alone = sample(Recorder(field), noise[b:b + 1], None, alpha=2.0, steps=4, method="stochastic",
+                       generator=[torch.Generator().manual_seed(s)])
+        assert torch.equal(z[b:b + 1], alone)
+    assert not torch.allclose(z[0], z[1])
+
+
 @pytest.mark.parametrize("method", ["euler", "heun"])
 def test_sampler_integrates_a_constant_velocity_exactly(method):
     c = torch.randn(1, 4, 3, dtype=torch.float64)
