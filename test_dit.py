@@ -326,6 +326,8 @@ def test_stochastic_sampler_with_one_generator_per_row_matches_each_row_alone():
                        generator=[torch.Generator().manual_seed(s)])
         assert torch.equal(z[b:b + 1], alone)
     assert not torch.allclose(z[0], z[1])
+    with pytest.raises(ValueError, match="one per sample"):
+        sample(Recorder(field), noise, None, alpha=2.0, steps=4, method="stochastic", generator=gens[:1])
 
 
 @pytest.mark.parametrize("method", ["euler", "heun"])
