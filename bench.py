@@ -16,6 +16,13 @@ import time
 
 import torch
 
+import data
+import dit
+import rae
+import tokenizer
+import toy
+import vae
+
 
 def timeit(fn, warmup=1, iters=3):
     """Median wall time of fn() in seconds after `warmup` calls."""
@@ -48,7 +55,6 @@ def bench_rae(args):
     import json, os, tempfile
     from safetensors.torch import save_file
     from transformers import SiglipVisionConfig, SiglipVisionModel
-    import rae
     torch.manual_seed(0)
     cfg = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
                image_size=224, patch_size=14)
@@ -78,15 +84,14 @@ def bench_rae(args):
 def bench_tokenizer(args):
     """Pure-Python Gemma BPE strings/s on caption-like text (a 20k-word vocabulary), cold and cached."""
     import json, random, tempfile
-    import rae
     rng = random.Random(0)
     words = sorted({"".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 10)))
                     for _ in range(20000)})
     captions = [" ".join(rng.choice(words) for _ in range(rng.randint(5, 25))).capitalize() + "."
                 for _ in range(2000)]
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(rae.gemma_tokenizer_json(words), f)
-    tok = rae.GemmaTokenizer(f.name)
+        json.dump(tokenizer.gemma_tokenizer_json(words), f)
+    tok = tokenizer.GemmaTokenizer(f.name)
     t0 = time.perf_counter()
     tok(captions)
     cold = time.perf_counter() - t0
@@ -205,7 +210,6 @@ def bench_data(args):
     from PIL import Image
     from torch.utils.data import DataLoader
 
-    import data
 
     n, size, batch = 384, 224, 32
     with tempfile.TemporaryDirectory() as root:
@@ -235,7 +239,7 @@ def bench_data(args):
                         info.size = len(payload)
                         tar.addfile(info, io.BytesIO(payload))
 
-        datasets = {"toy world": data.ToyWorld(size, length=n), "image folder + .txt": f"{root}/caps",
+        datasets = {"toy world": toy.ToyWorld(size, length=n), "image folder + .txt": f"{root}/caps",
                     "class folders": f"{root}/classes", "tar shards": f"{root}/shards/shard-{{0..7}}.tar"}
         print(f"{n} images -> {size} px, batch {batch}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")
         print(f"{'format':<22}{'workers':>8}{'images/s':>10}")
@@ -257,7 +261,6 @@ def bench_vae(args):
 
     from diffusers import AutoencoderKL
 
-    from vae import load_flux_vae
 
     torch.manual_seed(0)
     ref = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16,
@@ -266,7 +269,7 @@ def bench_vae(args):
                         use_post_quant_conv=False, mid_block_add_attention=True).eval()
     with tempfile.TemporaryDirectory() as tmp:
         ref.save_pretrained(tmp)
-        ours = load_flux_vae(tmp)
+        ours = vae.load_flux_vae(tmp)
     B, S = 1, 256
     img = torch.rand(B, 3, S, S) * 2 - 1  # (B, 3, H, W) in [-1, 1]
     z = torch.randn(B, 16, S // 8, S // 8)
@@ -303,30 +306,26 @@ def bench_toy(args):
     import math
     import tempfile
     import numpy as np
-    import data
-    import dit
-    import rae
-    from sample import load_dit
 
-    enc, dec = data.toy_encoder(), rae.load_decoder("runs/toy_decoder/decoder.safetensors")
+    enc, dec = toy.load_encoder(), rae.load_decoder("runs/toy_decoder/decoder.safetensors")
     ae = rae.RAE(enc.vision, dec)
-    world = data.ToyWorld(enc.vision.grid * enc.vision.patch, seed=1, split="test")
+    world = toy.ToyWorld(enc.vision.grid * enc.vision.patch, seed=1, split="test")
     items = [world[i] for i in range(96)]
     img = torch.stack([it["img"] for it in items])
     with torch.no_grad():
         recon = ae.decode(ae.encode(img)).clamp(-1, 1)
-    acc = data.score_toy(recon, data.toy_truth([it["caption"] for it in items]))
+    acc = toy.score_toy(recon, toy.toy_truth([it["caption"] for it in items]))
     print("decoder reconstructions of 96 test images, toy GenEval: " +
           ", ".join(f"{k} {v:.1%}" for k, v in acc.items() if isinstance(v, float)))
 
-    model, meta = load_dit("runs/toy_dit", "cpu")
+    model, meta = dit.load_dit("runs/toy_dit", "cpu")
     colours = ["red", "blue", "green", "yellow", "purple", "orange"]
     places = ["on the left", "on the right", "at the top", "at the bottom"]
     prompts = [f"a {c} square in the center" for c in colours] + [f"a red square {p}" for p in places]
     noise = torch.randn(1, model.cfg.num_tokens, model.cfg.in_channels,
                         generator=torch.Generator().manual_seed(0)).repeat(len(prompts), 1, 1)
     with torch.no_grad():
-        z = dit.sample(model, noise, enc.text(enc.tokenizer(prompts)), float(meta["alpha"]), steps=30, cfg=4.0)
+        z = dit.sample(model, noise, enc.text(enc.tokenizer(prompts)), float(meta["alpha"]), steps=30, guidance=4.0)
     by_colour = [(z[0] - z[i]).norm().item() for i in range(1, len(colours))]
     by_place = [(z[len(colours)] - z[i]).norm().item() for i in range(len(colours) + 1, len(prompts))]
     print(f"DiT latents, same noise: a colour word changed moves z by {min(by_colour):.1f}-{max(by_colour):.1f}, "
@@ -337,18 +336,18 @@ def bench_toy(args):
     rng = np.random.default_rng(0)
     prompts, left = [], []
     for _ in range(1200):
-        a, b = rng.choice(list(data.COLORS), 2, replace=False)
-        parts = [f"{data.article(c)} {c} {rng.choice(data.SHAPES)} on the {side}"
+        a, b = rng.choice(list(toy.COLORS), 2, replace=False)
+        parts = [f"{data.article(c)} {c} {rng.choice(toy.SHAPES)} on the {side}"
                  for c, side in ((a, "left"), (b, "right"))]
         prompts.append(" and ".join(parts[::-1] if rng.random() < 0.5 else parts))
-        left.append(list(data.COLORS).index(a))
+        left.append(list(toy.COLORS).index(a))
     left, ids = torch.tensor(left), enc.tokenizer(prompts)
     with torch.no_grad():
         states = enc.text(ids)  # (1200, T, Dt)
         y = model.embed_condition(states)  # (1200, N, D)
     where = (torch.arange(len(ids)), (ids == enc.tokenizer.encode(" left")[0]).int().argmax(1))  # the word "left"
     with tempfile.TemporaryDirectory() as d:  # the same architecture with random text blocks, for comparison
-        rae.write_tiny_siglip2(d, data.toy_vocab(), vision=dict(data.TOY_VISION, image_size=112), text=data.TOY_TEXT)
+        toy.write_tiny_siglip2(d, toy.toy_vocab(), vision=dict(toy.TOY_VISION, image_size=112), text=toy.TOY_TEXT)
         with torch.no_grad():
             random_states = rae.load_siglip2(d).text(ids)
     grid = math.isqrt(model.cfg.num_tokens)
@@ -357,7 +356,7 @@ def bench_toy(args):
              "DiT condition y, left half": y[:, torch.arange(grid**2) % grid < grid // 2].mean(1)}
     for name, f in feats.items():
         f = (f - f[:900].mean(0)) / (f[:900].std(0) + 1e-6)
-        probe = torch.nn.Linear(f.shape[1], len(data.COLORS))
+        probe = torch.nn.Linear(f.shape[1], len(toy.COLORS))
         opt = torch.optim.Adam(probe.parameters(), 1e-2, weight_decay=1e-4)
         for _ in range(300):
             loss = torch.nn.functional.cross_entropy(probe(f[:900]), left[:900])

@@ -13,12 +13,15 @@ Condition: cfg.cond == "text": the text tower's token states (B, T, text_dim) fl
     python -m pytest -q test_dit.py      # the tests (CPU, under a minute)
 """
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
+
+import ckpt
 
 
 @dataclass
@@ -229,8 +232,9 @@ class DiT(nn.Module):
         self.x_embedder = nn.Linear(C, D)
         self.t_embedder = TimestepEmbedder(D)
         if cfg.cond == "text":
-            # The connector (our stand-in for Scale-RAE's LLM + 256 queries, DESIGN.md): N learnable queries attend
-            # jointly with the projected text tokens; query k's output becomes the condition of latent token k.
+            # The connector (our stand-in for Scale-RAE's LLM + 256 queries; README, "Differences from the papers"):
+            # N learnable queries attend jointly with the projected text tokens; query k's output becomes the
+            # condition of latent token k.
             assert cfg.connector_depth >= 1, "without a block the queries never see the text"
             self.text_proj = nn.Linear(cfg.text_dim, D)
             self.queries = nn.Parameter(torch.empty(N, D))
@@ -243,7 +247,7 @@ class DiT(nn.Module):
             # norm, and AdamW learns a direction of its input at a rate proportional to that direction's size. So the
             # text states are standardised per channel with statistics of the training captions (set_text_stats),
             # and their standardised mean over the T positions (a pooled vector, as SD3 and Imagen add one) reaches
-            # every token's condition through text_pool. Measured in the README ("How the colour gap was found").
+            # every token's condition through text_pool (NOTES.md: how the colour gap was found and closed).
             self.text_pool = nn.Linear(cfg.text_dim, D)
             for name in ("text_mean", "text_std", "pool_mean", "pool_std"):  # (text_dim,) each; saved with the model
                 self.register_buffer(name, torch.empty(cfg.text_dim))
@@ -425,18 +429,19 @@ def loss_per_t_bin(per_sample_loss, t, bins=10):
 
 # ----------------------------------------------------------------------------- sampler
 @torch.no_grad()
-def sample(model, noise, cond, alpha, steps=50, method="euler", cfg=1.0, cfg_interval=(0.0, 1.0), progress=False,
-           eta=1.0, generator=None):
+def sample(model, noise, cond, alpha, steps=50, method="euler", guidance=1.0, guidance_interval=(0.0, 1.0),
+           progress=False, eta=1.0, generator=None):
     """Integrate dx/dt = v(x, t) from t = 1 (noise (B, N, C)) to t = 0 on the shifted grid
     time_shift(linspace(1, 0, steps + 1), alpha), with Euler (steps NFEs) or Heun (2 * steps NFEs).
-    CFG: v = v_u + cfg * (v_c - v_u) where t is in cfg_interval (conditional only elsewhere), cond and uncond batched
-    in one forward. Only model(x, t, cond, drop) is called, so any wrapper (DDP, FSDP, compile) works; the price is
-    that the text connector reruns at every step (a few blocks next to the trunk's depth).
+    Classifier-free guidance: v = v_u + guidance * (v_c - v_u) where t is in guidance_interval (conditional only
+    elsewhere), cond and uncond batched in one forward. Only model(x, t, cond, drop) is called, so any wrapper (DDP,
+    FSDP, compile) works; the price is that the text connector reruns at every step (a few blocks next to the
+    trunk's depth).
     "stochastic": each step splits x_t into the model's clean estimate x0 = x - t v and noise estimate e = x + (1 - t) v,
     and steps to x_s = (1 - s) x0 + s (sqrt(1 - eta^2) e + eta xi) with fresh noise xi (B, N, C) from `generator`:
     one torch.Generator, or a list of B (row b's noise from generator[b], so a sample does not depend on its batch).
     eta = 0 is exactly Euler; eta = 1 re-noises the clean estimate (multistep consistency-model sampling). Fresh
-    noise lets later steps correct what earlier ones got wrong: on the toy DiT, shape 59% (Euler) -> 69-75% (README)."""
+    noise lets later steps correct what earlier ones got wrong (on the toy demo it draws better shapes than Euler)."""
     if method not in ("euler", "heun", "stochastic"):
         raise ValueError(f"method must be 'euler', 'heun' or 'stochastic', got {method!r}")
     if not 0.0 <= eta <= 1.0:
@@ -447,15 +452,15 @@ def sample(model, noise, cond, alpha, steps=50, method="euler", cfg=1.0, cfg_int
     ts = time_shift(torch.linspace(1, 0, steps + 1, dtype=torch.float64), alpha).tolist()
     B = noise.shape[0]
     keep = torch.zeros(B, dtype=torch.bool, device=noise.device)
-    if cfg != 1.0:
+    if guidance != 1.0:
         cond2, drop2 = torch.cat([cond, cond]), torch.cat([keep, ~keep])  # [conditional ; null]
 
     def velocity(x, t):
         tb = torch.full((B,), t, device=x.device, dtype=x.dtype)
-        if cfg == 1.0 or not cfg_interval[0] <= t <= cfg_interval[1]:
+        if guidance == 1.0 or not guidance_interval[0] <= t <= guidance_interval[1]:
             return model(x, tb, cond, keep)
         v_c, v_u = model(torch.cat([x, x]), torch.cat([tb, tb]), cond2, drop2).chunk(2)  # 2 x (B, N, C)
-        return v_u + cfg * (v_c - v_u)
+        return v_u + guidance * (v_c - v_u)
 
     x = noise
     for i in tqdm(range(steps), disable=not progress, desc="sampling"):
@@ -477,6 +482,31 @@ def sample(model, noise, cond, alpha, steps=50, method="euler", cfg=1.0, cfg_int
     return x
 
 
+# ----------------------------------------------------------------------------- loading an export
+def load_dit(path, device=None):
+    """A train_dit.py export (dit.safetensors, or the run folder that holds it: EMA weights, with the DiTConfig, the
+    time shift and the latent's description in the metadata) -> (DiT in eval mode, metadata dict)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "dit.safetensors")
+    meta = ckpt.read_metadata(path)
+    cfg = ckpt.config_from_metadata(path, meta, "dit_config", DiTConfig)
+    try:
+        alpha = float(meta.get("alpha", ""))
+    except ValueError:
+        alpha = math.nan
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"{path}: metadata 'alpha' is {meta.get('alpha')!r}, expected a positive number (the time shift)")
+    if meta.get("latent", "rae") not in ("rae", "vae"):
+        raise ValueError(f"{path}: metadata 'latent' is {meta['latent']!r}, expected 'rae' or 'vae'")
+    with torch.device("meta"):
+        try:
+            model = DiT(cfg)
+        except (AssertionError, ValueError) as e:  # what the blocks need: a square grid, head sizes that divide
+            raise ValueError(f"{path}: metadata 'dit_config': {e}") from None
+    ckpt.load_checked(model, ckpt.read_safetensors(path), path)
+    return model.to(device).eval(), meta
+
+
 # ----------------------------------------------------------------------------- smoke test
 if __name__ == "__main__":
     print(f"{'preset':10s} {'params':>10s} {'connector':>10s} {'train GFLOPs/sample':>20s}")
@@ -494,6 +524,6 @@ if __name__ == "__main__":
     text = torch.randn(2, cfg.text_len, cfg.text_dim)
     loss, _, _ = flow_loss(model, z, text, shift_alpha(cfg.num_tokens, cfg.in_channels))
     loss.backward()
-    out = sample(model, torch.randn_like(z), text, alpha=2.0, steps=4, method="heun", cfg=2.0)
+    out = sample(model, torch.randn_like(z), text, alpha=2.0, steps=4, method="heun", guidance=2.0)
     print(f"toy: loss {loss.item():.3f} (about 2 at init: the model outputs 0 and E|eps - z|^2 = 2), "
           f"sample {tuple(out.shape)}")

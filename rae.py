@@ -1,32 +1,30 @@
-"""Representation Autoencoder (RAE) pieces around a frozen SigLIP-2: encoder, text tower, tokenizer, decoder.
+"""Representation Autoencoder (RAE) on a frozen SigLIP-2: the encoder towers, the ViT decoder, and the latent.
 
-Implements, in plain PyTorch and from the Hugging Face checkpoint files alone:
-  - the fixed-resolution SigLIP-2 vision and text towers (`model_type: "siglip"`), numerically equal to
-    transformers' SiglipModel, loaded from a HF snapshot folder (config.json + model.safetensors [+ shards]);
-  - a pure-Python Gemma BPE tokenizer read from tokenizer.json (equal to HF tokenizers' ids);
-  - the RAE of arXiv 2510.11690 / 2601.16208: latent z = parameter-free LayerNorm of the last block output of
-    the frozen vision tower, and a ViT-MAE-style decoder that maps z back to pixels;
-  - `write_tiny_siglip2`, which writes a random-weight checkpoint in the real HF format (tests, toy world);
-  - `python rae.py download REPO --out DIR`, a resumable snapshot download with urllib.
-Conventions: pixels `img` (B, 3, H, W) in [-1, 1] (SigLIP's mean = std = 0.5 normalization); latents
-`z` (B, N, C), N tokens in row-major patch order. Smoke test: `python rae.py` (builds and runs a tiny model).
+The RAE of arXiv 2510.11690, as Scale-RAE (arXiv 2601.16208) uses it for text-to-image:
+  - encoder: the fixed-resolution SigLIP-2 vision tower, frozen, numerically equal to transformers' SiglipModel and
+    loaded from a HF snapshot (`load_siglip2`: config.json + model.safetensors [+ shards] + tokenizer.json); the text
+    tower of the same checkpoint conditions the DiT;
+  - latent: z = parameter-free LayerNorm of the last block output, (B, N, C) [-> optional per-channel statistics];
+  - decoder: a ViT-MAE-style transformer that maps z back to pixels (trained by train_decoder.py).
+Conventions: pixels `img` (B, 3, H, W) in [-1, 1] (SigLIP's mean = std = 0.5 normalization); latents `z` (B, N, C),
+N tokens in row-major patch order. Imports only torch, safetensors and this project's ckpt.py and tokenizer.py.
+
+    python rae.py                                   # smoke test: a tiny random SigLIP-2, encode, decode, score
+    python rae.py download google/siglip2-so400m-patch14-224 --out ckpt/siglip2-so400m-patch14-224
 """
-import argparse
-import hashlib
 import json
 import math
 import os
 import re
 import sys
-import urllib.error
-import urllib.request
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
+
+import ckpt
+from tokenizer import GemmaTokenizer
 
 # ----------------------------------------------------------------------------- configs
 # Defaults are transformers' SiglipVisionConfig / SiglipTextConfig: hub config.json files of SigLIP-2 omit
@@ -71,8 +69,9 @@ def attention(q, k, v, heads):
     return o.transpose(1, 2).reshape(B, Nq, D)
 
 
-def sincos_pos_embed_2d(dim, grid):
-    """Fixed 2-D sin-cos table (grid*grid, dim), MAE layout: first half encodes the column, second the row."""
+def sincos_2d(grid, dim):
+    """Fixed 2-D sin-cos table (grid*grid, dim) in MAE's layout: the first half encodes the column, the second the
+    row, each as [sin | cos]. (dit.py's table puts the row first: each file keeps the layout of its reference.)"""
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (dim/4,)
     rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
                                 indexing="ij")
@@ -99,19 +98,26 @@ def noise_augment(z, tau, generator=None):
 
 
 def check_image(img, patch):
-    """Reject what the towers would silently mis-read: wrong layout, odd sizes, pixels outside [-1, 1]."""
+    """Reject a layout the towers would silently mis-read: not (B, 3, H, W) float, or sides not multiples of the
+    patch. Python checks only, no device sync: it runs on every forward."""
     if not torch.is_tensor(img) or img.ndim != 4 or img.shape[1] != 3 or not img.is_floating_point():
         shape = tuple(img.shape) if torch.is_tensor(img) else type(img).__name__
         raise ValueError(f"expected a float image tensor (B, 3, H, W), got {shape}")
     if img.shape[2] % patch or img.shape[3] % patch:
         raise ValueError(f"image size {tuple(img.shape[2:])} is not a multiple of the patch size {patch}")
+
+
+def check_pixels(img, where="images"):
+    """Reject pixels outside [-1, 1] (a [0, 255] or [0, 1] image encodes to a plausible but wrong latent). It reads
+    the values (a device sync), so it runs once where images enter a program, not in a forward."""
     lo, hi = torch.aminmax(img.detach())
     if lo < -1.001 or hi > 1.001:
-        raise ValueError(f"pixels must be in [-1, 1] (got min {lo.item():.3g}, max {hi.item():.3g}); "
+        raise ValueError(f"{where}: pixels must be in [-1, 1] (got min {lo.item():.3g}, max {hi.item():.3g}); "
                          "map [0, 255] images with img / 127.5 - 1")
+    return img
 
 
-# ----------------------------------------------------------------------------- blocks
+# ----------------------------------------------------------------------------- blocks and towers
 class Attention(nn.Module):
     # One fused qkv projection: a single (D -> 3D) matmul instead of three; HF's q/k/v_proj are concatenated
     # into it at load time (see the key map below).
@@ -171,6 +177,7 @@ class MAPHead(nn.Module):
 class VisionTower(nn.Module):
     def __init__(self, cfg):
         super().__init__()
+        self.cfg = cfg  # the HF config fields, as save_siglip2 writes them back
         D, self.patch = cfg["hidden_size"], cfg["patch_size"]
         self.grid = cfg["image_size"] // self.patch
         self.patch_embed = nn.Conv2d(cfg["num_channels"], D, self.patch, self.patch)
@@ -196,7 +203,7 @@ class VisionTower(nn.Module):
     def features(self, img, layers):
         """Outputs of the blocks numbered in `layers` (0-based): a list of (B, N, D). Stops after the deepest
         one; used by the decoder's perceptual loss and discriminator, which tap several depths."""
-        check_image(img, self.patch)
+        check_image(img, self.patch)  # layout and size only: no device sync
         x = self.patch_embed(img.to(self.pos_embed.dtype))  # (B, D, H/p, W/p)
         x = x.flatten(2).transpose(1, 2) + self.pos_for(*x.shape[2:])  # (B, N, D)
         out = []
@@ -219,6 +226,7 @@ class VisionTower(nn.Module):
 class TextTower(nn.Module):
     def __init__(self, cfg):
         super().__init__()
+        self.cfg = cfg
         D = cfg["hidden_size"]
         self.token_embed = nn.Embedding(cfg["vocab_size"], D)
         self.pos_embed = nn.Parameter(torch.zeros(cfg["max_position_embeddings"], D))  # (T, D)
@@ -286,7 +294,7 @@ class Decoder(nn.Module):
 
     def pos_table(self):  # (1 + N, D): a zero row for the cls slot, then the sin-cos grid
         D, g = self.cfg.hidden_size, math.isqrt(self.cfg.num_tokens)
-        return torch.cat([torch.zeros(1, D), sincos_pos_embed_2d(D, g)]).to(self.embed.weight.device)
+        return torch.cat([torch.zeros(1, D), sincos_2d(g, D)]).to(self.embed.weight.device)
 
     def forward(self, z):  # (B, N, C) -> (B, 3, H, W), pixels in [-1, 1] (not clamped)
         if z.ndim != 3 or z.shape[1:] != (self.cfg.num_tokens, self.cfg.latent_dim):
@@ -313,6 +321,7 @@ class RAE(nn.Module):
 
     @torch.no_grad()
     def encode(self, img):
+        """img (B, 3, H, W) in [-1, 1] -> z (B, N, C)."""
         h = self.encoder(img)  # (B, N, C), last block output
         z = F.layer_norm(h.float(), h.shape[-1:], eps=1e-6)  # per-token, no affine (Scale-RAE)
         if self.mean is not None:
@@ -320,15 +329,15 @@ class RAE(nn.Module):
         return z
 
     def decode(self, z):
-        if self.mean is not None:
-            z = z * torch.sqrt(self.var + self.eps) + self.mean
-        return self.decoder(z)
+        """z (B, N, C) -> img (B, 3, H, W), about [-1, 1] (not clamped)."""
+        return self.decoder(self.unnormalize(z))
 
     def unnormalize(self, z):
         """Latent back to the LayerNorm space the SigLIP head expects (for `vision.pool` on generated z)."""
         return z if self.mean is None else z * torch.sqrt(self.var + self.eps) + self.mean
 
 
+# ----------------------------------------------------------------------------- latent statistics
 @torch.no_grad()
 def compute_latent_stats(rae, images, per="channel"):
     """Exact dataset mean/var of the (un-standardized) latents over an iterable of image batches.
@@ -345,288 +354,30 @@ def compute_latent_stats(rae, images, per="channel"):
 
 
 def save_latent_stats(path, stats):
-    save_safetensors(path, stats)
+    ckpt.save_safetensors(path, stats)
 
 
 def load_latent_stats(path, channels, tokens=None):
     """{"mean", "var"} written by `save_latent_stats`, checked against the latent (N = tokens, C = channels) it will
     standardize: a stats file of another encoder or resolution fails here, not as a broadcast error mid-run."""
-    stats = read_safetensors(path)
+    stats = ckpt.read_safetensors(path)
     shapes = f"({channels},) or ({tokens or 'N'}, {channels})"
-    for key in sorted(set(stats) | {"mean", "var"}):
-        if key not in ("mean", "var"):
-            raise ValueError(f"{path}: unexpected key '{key}' (expected 'mean' and 'var')")
-        if key not in stats:
-            raise ValueError(f"{path}: missing key '{key}' (expected 'mean' and 'var')")
-        t = stats[key]
+    problems = [f"{'unexpected' if k in stats else 'missing'} key '{k}' (expected 'mean' and 'var')"
+                for k in sorted(set(stats) ^ {"mean", "var"})]
+    for key, t in sorted(stats.items()):
         if t.ndim not in (1, 2) or t.shape[-1] != channels or (t.ndim == 2 and tokens and t.shape[0] != tokens):
-            raise ValueError(f"{path}: key '{key}' has shape {tuple(t.shape)}, expected {shapes}")
-        if not t.is_floating_point():
-            raise ValueError(f"{path}: key '{key}' has dtype {t.dtype}, expected a floating-point tensor")
-        if not torch.isfinite(t).all() or (key == "var" and (t < 0).any()):
-            raise ValueError(f"{path}: key '{key}' has {'negative' if torch.isfinite(t).all() else 'non-finite'} entries")
-    if stats["mean"].shape != stats["var"].shape:
-        raise ValueError(f"{path}: key 'mean' has shape {tuple(stats['mean'].shape)} but 'var' has "
-                         f"{tuple(stats['var'].shape)}")
+            problems.append(f"key '{key}' has shape {tuple(t.shape)}, expected {shapes}")
+        elif not t.is_floating_point():
+            problems.append(f"key '{key}' has dtype {t.dtype}, expected a floating-point tensor")
+        elif not torch.isfinite(t).all() or (key == "var" and (t < 0).any()):
+            problems.append(f"key '{key}' has {'negative' if torch.isfinite(t).all() else 'non-finite'} entries")
+    if not problems and stats["mean"].shape != stats["var"].shape:
+        problems.append(f"key 'mean' has shape {tuple(stats['mean'].shape)} but 'var' has {tuple(stats['var'].shape)}")
+    ckpt.report(path, problems)
     return stats
 
 
-# ----------------------------------------------------------------------------- tokenizer
-class GemmaTokenizer:
-    """Pure-Python BPE equal to HF `tokenizers` on a Gemma tokenizer.json: added tokens split first, then
-    the normalizer (" " -> "\u2581"), then BPE with merges by rank, byte fallback to <0xHH>, fused <unk>."""
-    def __init__(self, path, max_len=64, vocab_size=None):
-        """path: a tokenizer.json file (or its parsed dict); vocab_size: the text tower's embedding rows, if known."""
-        self.path, self.max_len = path if isinstance(path, str) else "<tokenizer dict>", max_len
-        self.vocab_size = vocab_size
-        try:
-            if isinstance(path, dict):
-                spec = path
-            else:
-                with open(path, encoding="utf-8") as f:
-                    spec = json.load(f)
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not a readable tokenizer.json ({type(e).__name__}: {e})") from None
-        model, merges, added = self._check(spec)
-        self.vocab = model["vocab"]
-        # rank of each mergeable pair, and the token it makes (that token must exist in the vocab)
-        self.merges = {(a, b): (rank, a + b) for rank, (a, b) in enumerate(merges)}
-        for (a, b), (_, ab) in self.merges.items():
-            if ab not in self.vocab:
-                raise ValueError(f"{self.path}: merge {a!r} + {b!r} makes {ab!r}, which is not in the vocab")
-        self.byte_fallback = model.get("byte_fallback", False)
-        self.fuse_unk = model.get("fuse_unk", False)
-        self.unk = model.get("unk_token")
-        self.ignore_merges = model.get("ignore_merges", False)
-        self.id_to_token = {i: t for t, i in self.vocab.items()}
-        try:
-            self.normalizers = self._flatten(spec.get("normalizer"), "normalizer")
-            self.split = self._pre_tokenizer(spec.get("pre_tokenizer"))
-        except (KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"{self.path}: key 'normalizer' or 'pre_tokenizer' is malformed "
-                             f"({type(e).__name__}: {e})") from None
-        self.added = {t["content"]: t["id"] for t in added}
-        self.id_to_token.update({i: t for t, i in self.added.items()})
-        # Added tokens are matched leftmost-longest before normalization (normalized=false), as HF does.
-        raw = [t for t in added if not t.get("normalized", False)]
-        norm = [t for t in added if t.get("normalized", False)]
-        self.raw_re, self.norm_re = self._added_regex(raw), self._added_regex(norm)
-        self.eos_id = self.added.get("<eos>", self.vocab.get("<eos>", 1))
-        self.pad_id = self.added.get("<pad>", self.vocab.get("<pad>", 0))
-        # Merges never cross a "x|\u2581" boundary when no merged token has "\u2581" after another character, so
-        # the text can then be cut there and each piece BPE'd (and cached) alone: same ids, much faster.
-        self.cut_at_spaces = all("\u2581" not in ab.lstrip("\u2581") for _, ab in self.merges.values())
-        self.cache = {}
-
-    def _check(self, spec):
-        """The parts of tokenizer.json this class reads, checked: a foreign or hand-edited file fails here with one
-        line naming the key, not later inside the BPE loop."""
-        def need(ok, what):
-            if not ok:
-                raise ValueError(f"{self.path}: {what}")
-        need(isinstance(spec, dict) and isinstance(spec.get("model"), dict), "missing key 'model' (not a tokenizer.json)")
-        model = spec["model"]
-        need(model.get("type") == "BPE", f"key 'model.type' is {model.get('type')!r}, only 'BPE' is supported")
-        vocab = model.get("vocab")
-        need(isinstance(vocab, dict) and all(type(i) is int and i >= 0 for i in vocab.values()),
-             "key 'model.vocab' must map each token to an integer id")
-        need(isinstance(model.get("merges"), list), "key 'model.merges' must be a list")
-        merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
-        bad = next((m for m in merges if not (isinstance(m, list) and len(m) == 2 and all(isinstance(s, str) for s in m))),
-                   None)
-        need(bad is None, f"key 'model.merges' has an entry that is not a pair of tokens: {bad!r}")
-        for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix"):  # each would change the ids
-            need(model.get(key) is None, f"key 'model.{key}' is {model.get(key)!r}; only null is supported")
-        added = spec.get("added_tokens") or []
-        need(isinstance(added, list) and all(isinstance(t, dict) and isinstance(t.get("content"), str) and
-                                             type(t.get("id")) is int for t in added),
-             "key 'added_tokens' must be a list of {\"content\": str, \"id\": int, ...}")
-        return model, merges, added
-
-    def _flatten(self, node, kind):
-        if node is None:
-            return []
-        if node["type"] == "Sequence":
-            return [n for child in node[kind + "s"] for n in self._flatten(child, kind)]
-        if node["type"] == "Replace" and "String" in node["pattern"]:
-            return [("replace", node["pattern"]["String"], node["content"])]
-        if node["type"] in ("Lowercase", "NFC", "NFKC"):
-            return [(node["type"],)]
-        if node["type"] == "Prepend":
-            return [("prepend", node["prepend"])]
-        raise ValueError(f"{self.path}: {kind} type {node['type']!r} is not supported")
-
-    def _pre_tokenizer(self, node):
-        # Gemma files have none, or Split(" ", MergedWithPrevious), a no-op once spaces became "\u2581".
-        if node is None or (node["type"] == "Split" and node.get("pattern", {}).get("String") == " "):
-            return None
-        raise ValueError(f"{self.path}: pre_tokenizer type {node['type']!r} is not supported")
-
-    def _added_regex(self, tokens):
-        if not tokens:
-            return None
-        alts = []
-        for t in sorted(tokens, key=lambda t: -len(t["content"])):  # longest first = leftmost-longest
-            pat = re.escape(t["content"])
-            if t.get("single_word"):
-                pat = r"(?<!\w)" + pat + r"(?!\w)"
-            alts.append((r"\s*" if t.get("lstrip") else "") + "(" + pat + ")" + (r"\s*" if t.get("rstrip") else ""))
-        return re.compile("|".join(alts))
-
-    def _normalize(self, s):
-        import unicodedata
-        for op in self.normalizers:
-            if op[0] == "replace":
-                s = s.replace(op[1], op[2])
-            elif op[0] == "Lowercase":
-                s = s.lower()
-            elif op[0] == "prepend":
-                s = op[1] + s if s else s
-            else:
-                s = unicodedata.normalize(op[0], s)
-        return s
-
-    def _split_added(self, s, regex):
-        """Yield (text, None) for plain stretches and (None, id) for added tokens."""
-        pos = 0
-        for m in regex.finditer(s) if regex else ():
-            if m.start() > pos:
-                yield s[pos:m.start()], None
-            yield None, self.added[next(g for g in m.groups() if g is not None)]
-            pos = m.end()
-        if pos < len(s):
-            yield s[pos:], None
-
-    def _symbols(self, word):
-        """Characters of a word as vocab symbols: byte pieces for unknown characters, else one fused <unk>."""
-        out, unk = [], False
-        for ch in word:
-            if ch in self.vocab:
-                out.append(ch)
-                unk = False
-            elif self.byte_fallback and all(f"<0x{b:02X}>" in self.vocab for b in ch.encode()):
-                out.extend(f"<0x{b:02X}>" for b in ch.encode())
-                unk = False
-            elif self.unk is not None and not (unk and self.fuse_unk):
-                out.append(self.unk)
-                unk = True
-        return out
-
-    def _bpe(self, word):
-        """Merge the lowest-rank adjacent pair (leftmost on ties) until none is left; O(n log n) with a heap."""
-        import heapq
-        if self.ignore_merges and word in self.vocab:
-            return [self.vocab[word]]
-        sym = self._symbols(word)
-        n = len(sym)
-        nxt = list(range(1, n)) + [-1]
-        prv = list(range(-1, n - 1))
-        heap = [(self.merges[sym[i], sym[i + 1]][0], i, sym[i], sym[i + 1])
-                for i in range(n - 1) if (sym[i], sym[i + 1]) in self.merges]
-        heapq.heapify(heap)
-        while heap:
-            _, i, a, b = heapq.heappop(heap)
-            j = nxt[i]
-            if sym[i] != a or j < 0 or sym[j] != b:  # stale: one side was merged away since the push
-                continue
-            sym[i], sym[j] = a + b, None
-            nxt[i] = nxt[j]
-            if nxt[j] >= 0:
-                prv[nxt[j]] = i
-            for l, r in ((prv[i], i), (i, nxt[i])):
-                if l >= 0 and r >= 0 and (sym[l], sym[r]) in self.merges:
-                    heapq.heappush(heap, (self.merges[sym[l], sym[r]][0], l, sym[l], sym[r]))
-        return [self.vocab[s] for s in sym if s is not None]
-
-    def _encode_word(self, word):
-        if not self.cut_at_spaces or (self.ignore_merges and word in self.vocab):
-            return self._bpe(word)
-        ids = []
-        for piece in re.findall("\u2581*[^\u2581]*", word):
-            if piece:
-                if piece not in self.cache:
-                    if len(self.cache) > 200_000:
-                        self.cache.clear()
-                    self.cache[piece] = self._bpe(piece)
-                ids.extend(self.cache[piece])
-        return ids
-
-    def encode(self, text):
-        """Ids of `text` exactly as given: no lowercasing, no BOS/EOS (HF: add_special_tokens=False)."""
-        ids = []
-        for raw, tid in self._split_added(text, self.raw_re):
-            if tid is not None:
-                ids.append(tid)
-                continue
-            for part, tid in self._split_added(self._normalize(raw), self.norm_re):
-                ids.extend([tid] if tid is not None else self._encode_word(part))
-        return ids
-
-    def decode(self, ids):
-        out, pending = [], b""
-        for i in ids:
-            tok = self.id_to_token.get(int(i), "")
-            if re.fullmatch(r"<0x[0-9A-F]{2}>", tok):
-                pending += bytes([int(tok[3:5], 16)])
-                continue
-            out.append(pending.decode("utf-8", errors="replace") + tok)
-            pending = b""
-        return ("".join(out) + pending.decode("utf-8", errors="replace")).replace("\u2581", " ")
-
-    def __call__(self, texts):
-        """SigLIP-2 text input: lowercase, encode, keep <= 63 tokens, append EOS, right-pad -> LongTensor (B, 64)."""
-        if isinstance(texts, str):
-            texts = [texts]
-        out = torch.full((len(texts), self.max_len), self.pad_id, dtype=torch.long)
-        for row, text in enumerate(texts):
-            ids = self.encode(text.lower())[: self.max_len - 1] + [self.eos_id]
-            out[row, : len(ids)] = torch.tensor(ids)
-        if self.vocab_size is not None and out.max() >= self.vocab_size:  # else an IndexError deep in the tower
-            top = out.max().item()
-            raise ValueError(f"{self.path}: token {self.id_to_token[top]!r} has id {top}, past the "
-                             f"text_config.vocab_size {self.vocab_size} of config.json (a tokenizer of another model?)")
-        return out
-
-
-# ----------------------------------------------------------------------------- checkpoint files
-def save_safetensors(path, tensors, metadata=None):
-    """Write tensors atomically (temp file, then os.replace: a crash never leaves a half file under `path`), readable
-    by the group as any file the user writes (safetensors >= 0.8 creates its files 0600, unreadable on a shared
-    cluster filesystem)."""
-    tmp = f"{path}.tmp"
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
-
-
-def read_safetensors(path, keep=None):
-    """Tensors of a .safetensors file, checked first so that a truncated or foreign file fails with one line."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: file not found")
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
-        if n < 2 or n > size - 8:
-            raise ValueError(f"{path}: not a safetensors file or truncated ({size} bytes, header length {n})")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ValueError(f"{path}: not a safetensors file (its header is not JSON)") from None
-    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-    if 8 + n + max(ends, default=0) > size:
-        raise ValueError(f"{path}: truncated: tensor data ends at byte {8 + n + max(ends)}, file has {size} bytes")
-    with safe_open(path, "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys() if keep is None or keep(k)}
-
-
-def read_metadata(path):
-    read_safetensors(path, keep=lambda k: False)  # validates the file
-    with safe_open(path, "pt") as f:
-        return f.metadata() or {}
-
-
+# ----------------------------------------------------------------------------- loading SigLIP-2 from a HF snapshot
 # The explicit HF -> ours key map. Our blocks fuse q/k/v into one `attn.qkv`: (pattern, ours, qkv slot).
 _BLOCK_MAP = [("layer_norm1.", "norm1.", None), ("layer_norm2.", "norm2.", None),
               ("self_attn.q_proj.", "attn.qkv.", 0), ("self_attn.k_proj.", "attn.qkv.", 1),
@@ -685,6 +436,7 @@ def ours_to_hf(state):
 
 
 def read_siglip_config(path):
+    """A snapshot folder's config.json -> (vision config, text config), with transformers' defaults filled in."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{cfg_path}: file not found (expected a HF SigLIP-2 snapshot folder)")
@@ -710,71 +462,83 @@ def read_siglip_config(path):
     return vision, text
 
 
+def snapshot_files(path):
+    """The weight files of a snapshot: model.safetensors, or the shards its model.safetensors.index.json lists."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if not os.path.isfile(index):
+        return [os.path.join(path, "model.safetensors")]
+    try:
+        with open(index) as f:
+            return [os.path.join(path, n) for n in sorted(set(json.load(f)["weight_map"].values()))]
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{index}: not a readable shard index, need key 'weight_map' ({type(e).__name__}: {e})") from None
+
+
 def load_siglip2(path, device=None, dtype=None, text=True):
     """A HF snapshot folder of a fixed-resolution SigLIP-2 -> SigLIP2 (eval, frozen) with `.tokenizer`.
-    text=False skips the text tower (708M of so400m's 1.1B parameters) when only latents are needed."""
+    text=False skips the text tower (708M of so400m's 1.1B parameters) when only latents are needed.
+    The files are checked against config.json in HF's own key names; a bad snapshot fails with one message that
+    names the file and every bad key."""
     vision_cfg, text_cfg = read_siglip_config(path)
     with torch.device("meta"):
         model = SigLIP2(vision_cfg, text_cfg if text else None)
-    expected = {k: v for k, v in model.state_dict().items()}
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        try:
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"{index}: not a readable shard index, need key 'weight_map' ({type(e).__name__}: {e})") from None
-    else:
-        files = ["model.safetensors"]
-    keep = lambda k: text or not k.startswith("text_model.")
-    state, parts = {}, {}
-    for name in files:
-        file = os.path.join(path, name)
-        for key, t in read_safetensors(file, keep).items():
-            if key.endswith("position_ids"):  # non-persistent HF buffer, present in some old exports
-                continue
-            mapped = hf_to_ours(key)
-            if mapped is None or mapped[0] not in expected:
-                raise ValueError(f"{file}: unexpected key '{key}'")
-            if not t.is_floating_point():
-                raise ValueError(f"{file}: key '{key}' has dtype {t.dtype}, expected a floating-point tensor")
-            ours, slot = mapped
-            if slot is None:
-                state[ours] = (t, file, key)
-            else:
-                parts.setdefault(ours, {})[slot] = (t, file, key)
-    for ours, p in parts.items():
-        file = next(iter(p.values()))[1]
-        if len(p) != 3:
-            missing = [n for i, n in enumerate(("q_proj", "k_proj", "v_proj")) if i not in p]
-            raise ValueError(f"{file}: incomplete attention projections for '{ours}': missing {missing}")
-        want = (expected[ours].shape[0] // 3, *expected[ours].shape[1:])
-        for t, file, key in p.values():
-            if t.shape != want:
-                raise ValueError(f"{file}: key '{key}' has shape {tuple(t.shape)}, config.json implies {want}")
-        state[ours] = (torch.cat([p[i][0] for i in range(3)]), p[0][1], p[0][2])
-    if not text:  # a vision-only export has no logit scale/bias, and nothing without the text tower uses them
-        for k in ("logit_scale", "logit_bias"):
-            state.setdefault(k, (torch.zeros(1), "", k))
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise ValueError(f"{os.path.join(path, files[0])}: missing key(s) for {missing[:3]}"
-                         f"{' ...' if len(missing) > 3 else ''} ({len(missing)} in all)")
-    for ours, (t, file, key) in state.items():
-        if t.shape != expected[ours].shape:
-            raise ValueError(f"{file}: key '{key}' has shape {tuple(t.shape)}, config.json implies "
-                             f"{tuple(expected[ours].shape)}")
+    # Without the text tower nothing uses the logit scale and bias, and a vision-only export has none.
+    needed = lambda k: text or not k.startswith(("text_model.", "logit_"))
+    expected = {k: v for k, v in ours_to_hf(model.state_dict()).items() if needed(k)}  # HF names, meta tensors
+    files = snapshot_files(path)
+    hf = {k: t for file in files for k, t in ckpt.read_safetensors(file, needed).items()
+          if not k.endswith("position_ids")}  # a non-persistent HF buffer that some old exports hold
+    where = files[0] if len(files) == 1 else os.path.join(path, "model.safetensors.index.json")
+    ckpt.report(where, ckpt.state_problems(hf, expected), " (config.json sets the expected shapes)")
+    state, qkv = {}, {}
+    for key, t in hf.items():
+        ours, slot = hf_to_ours(key)
+        if slot is None:
+            state[ours] = t
+        else:  # q, k, v of one attention, concatenated into our fused qkv below
+            qkv.setdefault(ours, [None] * 3)[slot] = t
+    state.update({ours: torch.cat(parts) for ours, parts in qkv.items()})
+    if not text:
+        state.update(logit_scale=torch.zeros(1), logit_bias=torch.zeros(1))
     dtype = dtype or torch.float32
-    model.load_state_dict({k: t.to(device=device, dtype=dtype) for k, (t, _, _) in state.items()}, assign=True)
+    model.load_state_dict({k: t.to(device=device, dtype=dtype) for k, t in state.items()}, assign=True)
     tok = os.path.join(path, "tokenizer.json")
     model.tokenizer = GemmaTokenizer(tok, max_len=text_cfg["max_position_embeddings"],
                                      vocab_size=text_cfg["vocab_size"]) if os.path.isfile(tok) else None
     return model.eval().requires_grad_(False)
 
 
+def save_siglip2(path, model, tokenizer_json=None):
+    """Write `model` as a HF snapshot: model.safetensors in HF key names, config.json, [tokenizer.json]."""
+    ckpt.save_safetensors(os.path.join(path, "model.safetensors"), ours_to_hf(model.state_dict()),
+                          metadata={"format": "pt"})
+    config = {"model_type": "siglip", "initializer_factor": 1.0,
+              "vision_config": {"model_type": "siglip_vision_model", **model.vision.cfg},
+              "text_config": {"model_type": "siglip_text_model", **model.text.cfg}}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    if tokenizer_json is not None:
+        with open(os.path.join(path, "tokenizer.json"), "w", encoding="utf-8") as f:
+            json.dump(tokenizer_json, f, ensure_ascii=False)
+
+
+# ----------------------------------------------------------------------------- decoder files
 def save_decoder(path, decoder: Decoder):
     """Decoder weights as safetensors with the DecoderConfig in the metadata (one self-describing file)."""
-    save_safetensors(path, decoder.state_dict(), metadata={"decoder_config": json.dumps(asdict(decoder.cfg))})
+    ckpt.save_safetensors(path, decoder.state_dict(), metadata={"decoder_config": json.dumps(asdict(decoder.cfg))})
+
+
+def load_decoder(path, device=None):
+    """A decoder written by `save_decoder` (config in the metadata) -> Decoder (eval)."""
+    cfg = ckpt.config_from_metadata(path, ckpt.read_metadata(path), "decoder_config", DecoderConfig)
+    with torch.device("meta"):
+        try:
+            dec = Decoder(cfg)
+        except ValueError as e:  # a num_tokens that is not a square grid, heads that do not divide the width
+            raise ValueError(f"{path}: metadata 'decoder_config': {e}") from None
+    ckpt.load_checked(dec, ckpt.read_safetensors(path), path)
+    dec.pos_embed = dec.pos_table()  # a fixed table, not in the file: rebuild it off the meta device
+    return dec.to(device).eval()
 
 
 # Released RAE decoders (official .pt state dicts and diffusers AutoencoderRAE files) -> our names.
@@ -806,327 +570,13 @@ def import_rae_decoder(state):
     return out
 
 
-def config_from_metadata(path, meta, key, cls):
-    """The dataclass `cls` from the JSON that an export keeps in its safetensors metadata under `key`. Every field
-    of `cls` has a default, and must be there with the type of that default: a foreign, older or hand-edited file
-    fails with one line naming the field instead of building a model of the wrong shape."""
-    if key not in meta:
-        raise ValueError(f"{path}: no '{key}' in the safetensors metadata (not an export of this project)")
-    try:
-        values = json.loads(meta[key])
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: metadata '{key}' is not valid JSON ({e})") from None
-    if not isinstance(values, dict):
-        raise ValueError(f"{path}: metadata '{key}' is a JSON {type(values).__name__}, expected an object")
-    defaults = {f.name: f.default for f in fields(cls)}
-    for name in sorted(set(defaults) | set(values)):
-        if name not in defaults:
-            raise ValueError(f"{path}: metadata '{key}' has unknown field '{name}'")
-        if name not in values:
-            raise ValueError(f"{path}: metadata '{key}' is missing field '{name}'")
-        want = type(defaults[name])
-        ok = isinstance(values[name], want) or (want is float and type(values[name]) is int)
-        if not ok or (want is int and type(values[name]) is bool):
-            raise ValueError(f"{path}: metadata '{key}' field '{name}' is {values[name]!r}, expected {want.__name__}")
-    return cls(**values)
-
-
-def load_decoder(path, device=None):
-    """A decoder written by `save_decoder` (config in the metadata) -> Decoder (eval)."""
-    cfg = config_from_metadata(path, read_metadata(path), "decoder_config", DecoderConfig)
-    state = read_safetensors(path)
-    with torch.device("meta"):
-        try:
-            dec = Decoder(cfg)
-        except ValueError as e:  # a num_tokens that is not a square grid, heads that do not divide the width
-            raise ValueError(f"{path}: metadata 'decoder_config': {e}") from None
-    load_checked(dec, state, path)
-    dec.pos_embed = dec.pos_table()  # was built on the meta device
-    return dec.to(device).eval()
-
-
-def load_checked(module, state, path):
-    """load_state_dict(strict) with one-line errors that name the file and the key."""
-    expected = module.state_dict()
-    for k in state:
-        if k not in expected:
-            raise ValueError(f"{path}: unexpected key '{k}'")
-    for k, v in expected.items():
-        if k not in state:
-            raise ValueError(f"{path}: missing key '{k}'")
-        if state[k].shape != v.shape:
-            raise ValueError(f"{path}: key '{k}' has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}")
-        if not state[k].is_floating_point():
-            raise ValueError(f"{path}: key '{k}' has dtype {state[k].dtype}, expected a floating-point tensor")
-    module.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)
-    return module
-
-
-def read_checkpoint(path):
-    """A dict written by torch.save, read with weights_only=True: tensors, containers and primitives only, so a
-    foreign pickle is refused before any of its code runs. Every failure is one line naming the file."""
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises RuntimeError, UnpicklingError, KeyError, EOFError, ... by what is wrong
-        pickled = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        first = (str(e).splitlines() or [""])[0].split(". ")[0]  # torch's messages run to paragraphs
-        why = (f"it pickles {pickled[1]}, so it was refused unread (weights_only=True)" if pickled else
-               f"truncated or not written by torch.save ({type(e).__name__}: {first})")
-        raise ValueError(f"{path}: not a readable checkpoint: {why}") from None
-    if not isinstance(ck, dict):
-        raise ValueError(f"{path}: not a training checkpoint (it holds a {type(ck).__name__}, expected a dict)")
-    return ck
-
-
-def load_resume(path, expect):
-    """A training script's ckpt.pt -> its dict, read by `read_checkpoint` and checked against this run, so that a
-    truncated, foreign or other-config checkpoint fails with one line naming the file and the key before anything
-    is loaded. `expect` names every key the file must hold, no more and no fewer, checked in its order:
-      a type (int for counters, dict for args): a value of that type;
-      a state dict of this run (name -> tensor): the same names, shapes and dtypes;
-      an optimizer of this run: as many parameters per group, each moment of its parameter's shape and dtype;
-      anything else (the model config dict): an equal value, else the first field that differs is named."""
-    ck = read_checkpoint(path)
-    for key in sorted(set(ck) | set(expect), key=str):
-        if key not in expect or key not in ck:
-            raise ValueError(f"{path}: {'unexpected' if key in ck else 'missing'} key '{key}' "
-                             f"(a checkpoint of another script or version?)")
-    for key, want in expect.items():
-        got = ck[key]
-        if isinstance(want, type):
-            if not isinstance(got, want):
-                raise ValueError(f"{path}: key '{key}' is a {type(got).__name__}, expected {want.__name__}")
-        elif isinstance(want, torch.optim.Optimizer):
-            _check_optimizer_state(path, key, got, want)
-        elif isinstance(want, dict) and all(isinstance(v, torch.Tensor) for v in want.values()):
-            _check_state(path, key, got, want)
-        elif got != want:
-            name = key
-            if isinstance(got, dict) and isinstance(want, dict):  # name the first field that differs
-                field = next(k for k in sorted(set(got) | set(want)) if got.get(k) != want.get(k))
-                name, got, want = f"{key}.{field}", got.get(field), want.get(field)
-            raise ValueError(f"{path}: '{name}' is {got!r} in the checkpoint but {want!r} in this run "
-                             f"(resume with the flags the run was started with, or use a new --out)")
-    return ck
-
-
-def _check_state(path, key, got, want):
-    if not isinstance(got, dict):
-        raise ValueError(f"{path}: key '{key}' is a {type(got).__name__}, expected a state dict")
-    for name in sorted(set(got) | set(want), key=str):
-        where = f"{path}: key '{key}.{name}'"
-        if name not in want or name not in got:
-            raise ValueError(f"{path}: {'unexpected' if name in got else 'missing'} key '{key}.{name}'")
-        t, w = got[name], want[name]
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{where} is a {type(t).__name__}, expected a tensor")
-        if t.shape != w.shape or t.dtype != w.dtype:
-            raise ValueError(f"{where} is {t.dtype} {tuple(t.shape)}, this run has {w.dtype} {tuple(w.shape)}")
-
-
-def _check_optimizer_state(path, key, got, opt):
-    groups = got.get("param_groups") if isinstance(got, dict) else None
-    if not (isinstance(groups, list) and isinstance(got.get("state"), dict) and
-            all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)):
-        raise ValueError(f"{path}: key '{key}' is not an optimizer state (it needs 'state' and 'param_groups')")
-    sizes, ours = [len(g["params"]) for g in groups], [len(g["params"]) for g in opt.param_groups]
-    if sizes != ours:
-        raise ValueError(f"{path}: key '{key}' has {sizes} parameters per group, this run's optimizer has {ours}")
-    for saved, group in zip(groups, opt.param_groups):
-        for pid, p in zip(saved["params"], group["params"]):  # ids or names, in the optimizer's parameter order
-            for name, t in got["state"].get(pid, {}).items():
-                # the moments have the parameter's shape; 'step' is a 0-d counter
-                if isinstance(t, torch.Tensor) and t.ndim and (t.shape != p.shape or t.dtype != p.dtype):
-                    raise ValueError(f"{path}: key '{key}.state.{pid}.{name}' is {t.dtype} {tuple(t.shape)}, its "
-                                     f"parameter is {p.dtype} {tuple(p.shape)}")
-
-
-# ----------------------------------------------------------------------------- writing a tiny checkpoint
-def gemma_tokenizer_json(words, max_len=64):
-    """A tokenizer.json with the structure of Gemma's (normalizer, BPE with byte fallback, merges, specials)
-    whose vocabulary spells each of `words` as one token, with or without its leading "\u2581"."""
-    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
-    vocab = {t: i for i, t in enumerate(specials)}
-    for b in range(256):
-        vocab[f"<0x{b:02X}>"] = len(vocab)
-    chars = sorted(set("\u2581abcdefghijklmnopqrstuvwxyz0123456789.,'\"-!?").union(*map(set, words)))
-    for ch in chars:
-        vocab.setdefault(ch, len(vocab))
-    merges = []
-    # "\u2581word" chains first, so that their merges outrank the bare-word ones and "\u2581cat" becomes one
-    # token; bare words are for the start of a text, which has no leading "\u2581".
-    for word in ["\u2581" + w for w in words] + list(words):
-        for i in range(2, len(word) + 1):
-            if word[:i] not in vocab:
-                vocab[word[:i]] = len(vocab)
-                merges.append([word[: i - 1], word[i - 1]])
-    eos = {"id": "<eos>", "type_id": 0}
-    spec = {
-        "version": "1.0",
-        "truncation": {"direction": "Right", "max_length": max_len, "strategy": "LongestFirst", "stride": 0},
-        "padding": {"strategy": {"Fixed": max_len}, "direction": "Right", "pad_to_multiple_of": None,
-                    "pad_id": 0, "pad_type_id": 0, "pad_token": "<pad>"},
-        "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-                          "normalized": False, "special": True} for i, t in enumerate(specials)],
-        "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
-        "pre_tokenizer": None,
-        "post_processor": {"type": "TemplateProcessing",
-                           "single": [{"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": eos}],
-                           "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": eos},
-                                    {"Sequence": {"id": "B", "type_id": 0}}, {"SpecialToken": eos}],
-                           "special_tokens": {"<eos>": {"id": "<eos>", "ids": [1], "tokens": ["<eos>"]}}},
-        "decoder": {"type": "Sequence", "decoders": [
-            {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
-            {"type": "ByteFallback"}, {"type": "Fuse"}]},
-        "model": {"type": "BPE", "dropout": None, "unk_token": "<unk>", "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
-                  "vocab": vocab, "merges": merges},
-    }
-    # One word's merges can outrank another's ("at" before "cat" splits "cat" into c + at): join what is left
-    # with extra merges, ranked last, until every word is one token with and without its "\u2581".
-    for _ in range(10):
-        tok = GemmaTokenizer(spec)
-        split = [w for w in ["\u2581" + w for w in words] + list(words) if len(tok._bpe(w)) > 1]
-        if not split:
-            return spec
-        for word in split:
-            pieces = [tok.id_to_token[i] for i in tok._bpe(word)]
-            for i in range(1, len(pieces)):
-                left = "".join(pieces[:i])
-                vocab.setdefault(left + pieces[i], len(vocab))
-                if [left, pieces[i]] not in merges:
-                    merges.append([left, pieces[i]])
-    raise ValueError("gemma_tokenizer_json: could not make every word a single token")
-
-
-def write_tiny_siglip2(path, words, vision=None, text=None, seed=0):
-    """Write a random-weight SigLIP-2 snapshot in the real HF format: config.json, model.safetensors (HF key
-    names and layouts) and a Gemma-format tokenizer.json over `words`. vision/text override config fields."""
-    os.makedirs(path, exist_ok=True)
-    tok = gemma_tokenizer_json(words)
-    small = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
-    vision_cfg = {**VISION_DEFAULTS, **small, "image_size": 224, "patch_size": 14, **(vision or {})}
-    text_cfg = {**TEXT_DEFAULTS, **small, **(text or {}), "vocab_size": len(tok["model"]["vocab"])}
-    g = torch.Generator().manual_seed(seed)
-    model = SigLIP2(vision_cfg, text_cfg)
-    for name, p in model.named_parameters():  # lecun-normal matrices, small random norms/biases
-        with torch.no_grad():
-            if p.ndim >= 2 and "pos_embed" not in name:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
-            elif "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.02 * torch.randn(p.shape, generator=g))
-        model.logit_scale.data.fill_(math.log(10.0))
-        model.logit_bias.data.fill_(-10.0)
-    save_safetensors(os.path.join(path, "model.safetensors"), ours_to_hf(model.state_dict()), metadata={"format": "pt"})
-    config = {"model_type": "siglip", "initializer_factor": 1.0,
-              "vision_config": {"model_type": "siglip_vision_model", **vision_cfg},
-              "text_config": {"model_type": "siglip_text_model", **text_cfg}}
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    with open(os.path.join(path, "tokenizer.json"), "w", encoding="utf-8") as f:
-        json.dump(tok, f, ensure_ascii=False)
-
-
-# ----------------------------------------------------------------------------- downloading a snapshot
-def _request(url, token, start=0):
-    req = urllib.request.Request(url, headers={"User-Agent": "rae-t2i"})
-    if token:
-        req.add_header("Authorization", f"Bearer {token}")
-    if start:
-        req.add_header("Range", f"bytes={start}-")
-    return urllib.request.urlopen(req, timeout=60)
-
-
-def download_file(url, dest, token=None, chunk=1 << 20):
-    """Resumable download to `dest`: bytes go to `dest.part` and only a complete, size-checked (and, when the
-    hub sends a sha256 ETag, hash-checked) file is renamed to `dest`. Rerunning resumes from the .part."""
-    from tqdm import tqdm
-    part = dest + ".part"
-    start = os.path.getsize(part) if os.path.exists(part) else 0
-    try:
-        resp = _request(url, token, start)
-    except urllib.error.HTTPError as e:
-        if e.code == 416:  # the .part already holds every byte: nothing left to fetch
-            resp = None
-        else:
-            raise
-    sha = hashlib.sha256()
-    if start and os.path.exists(part):  # the hash covers the bytes we already have
-        with open(part, "rb") as f:
-            for block in iter(lambda: f.read(chunk), b""):
-                sha.update(block)
-    if resp is None:
-        total, etag = start, ""
-    else:
-        with resp:
-            if resp.status == 200 and start:  # the server ignored Range: start over
-                start, sha = 0, hashlib.sha256()
-            length = int(resp.headers.get("Content-Length", -1))
-            total = start + length if length >= 0 else None
-            etag = (resp.headers.get("X-Linked-Etag") or resp.headers.get("ETag") or "").strip('"')
-            with open(part, "ab" if start else "wb") as f, tqdm(total=total, initial=start, unit="B",
-                                                                unit_scale=True, desc=os.path.basename(dest)) as bar:
-                while block := resp.read(chunk):
-                    f.write(block)
-                    sha.update(block)
-                    bar.update(len(block))
-    got = os.path.getsize(part)
-    if total is not None and got != total:
-        raise IOError(f"{dest}: incomplete download ({got} of {total} bytes); run the command again to resume")
-    if re.fullmatch(r"[0-9a-f]{64}", etag) and sha.hexdigest() != etag:
-        os.remove(part)  # corrupt bytes cannot be resumed from
-        raise IOError(f"{dest}: sha256 mismatch (got {sha.hexdigest()}, hub says {etag}); removed, run again")
-    os.replace(part, dest)
-
-
-def download(repo, out, revision="main", endpoint=None, token=None):
-    """Fetch config.json, tokenizer.json and the weights (single file or shards) of a HF model repo."""
-    endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
-    token = token or os.environ.get("HF_TOKEN")
-    os.makedirs(out, exist_ok=True)
-    url = lambda name: f"{endpoint}/{repo}/resolve/{revision}/{name}"
-    def get(name):
-        dest = os.path.join(out, name)
-        if not os.path.exists(dest):
-            download_file(url(name), dest, token)
-        return dest
-    get("config.json")
-    read_siglip_config(out)  # fail early on a NaFlex or non-SigLIP repo, before gigabytes of weights
-    get("tokenizer.json")
-    try:
-        get("model.safetensors")
-    except urllib.error.HTTPError as e:
-        if e.code != 404:
-            raise
-        with open(get("model.safetensors.index.json")) as f:
-            for shard in sorted(set(json.load(f)["weight_map"].values())):
-                get(shard)
-    return out
-
-
 # ----------------------------------------------------------------------------- command line and smoke test
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["download"]:
-        p = argparse.ArgumentParser(description="Download a SigLIP-2 snapshot (config, tokenizer, weights).")
-        p.add_argument("cmd", choices=["download"])
-        p.add_argument("repo", help="HF model id, e.g. google/siglip2-so400m-patch14-224")
-        p.add_argument("--out", required=True, help="destination folder")
-        p.add_argument("--revision", default="main", help="branch, tag or commit")
-        a = p.parse_args()
-        try:
-            print(download(a.repo, a.out, a.revision))
-        except (urllib.error.URLError, IOError, ValueError) as e:
-            sys.exit(f"download failed: {e}")
-    else:  # smoke test: write a tiny snapshot, load it, encode, decode, score
-        import tempfile
-        with tempfile.TemporaryDirectory() as d:
-            write_tiny_siglip2(d, ["red", "circle", "blue", "square"])
-            model = load_siglip2(d)
-            img = torch.rand(2, 3, 224, 224) * 2 - 1
-            rae = RAE(model.vision, Decoder(DecoderConfig(latent_dim=64, **DECODER_PRESETS["toy"])))
-            z = rae.encode(img)
-            print("z", tuple(z.shape), "decoded", tuple(rae.decode(z).shape))
-            print("ids", model.tokenizer(["a red circle"])[0, :6].tolist())
-            print("scores", model.score(img, ["a red circle", "a blue square"]).tolist())
+    if sys.argv[1:2] == ["download"]:  # the command line lives in hub.py; no model code needs it
+        import hub
+        hub.main(sys.argv[2:], check=read_siglip_config)
+    else:  # smoke test: a tiny random SigLIP-2 vision tower, encode, decode
+        small = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, patch_size=14)
+        rae = RAE(VisionTower({**VISION_DEFAULTS, **small}), Decoder(DecoderConfig(latent_dim=64, **DECODER_PRESETS["toy"])))
+        z = rae.encode(torch.rand(2, 3, 224, 224) * 2 - 1)  # (B, N, C) = (2, 256, 64)
+        print("z", tuple(z.shape), "decoded", tuple(rae.decode(z).shape))

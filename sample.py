@@ -1,13 +1,14 @@
-"""Generate images from text: noise -> DiT (Euler/Heun on the shifted grid, CFG) -> latent z -> RAE decoder -> PNG.
+"""Generate images from text: noise -> DiT (Euler / Heun / stochastic on the shifted grid, CFG) -> latent z -> decoder.
 
     python sample.py --demo                                   # CPU, no download: train the toy decoder + DiT, sample, score
     python sample.py --ckpt runs/dit --decoder runs/decoder/decoder.safetensors --prompt "a red circle on the left"
-    python sample.py --ckpt runs/dit/dit.safetensors --decoder dec.safetensors --prompts prompts.txt --n 4 --cfg 4
+    python sample.py --ckpt runs/dit/dit.safetensors --decoder dec.safetensors --prompts prompts.txt --n 4 --guidance 4
 
-The DiT is rebuilt from the config stored in its export (dit.safetensors, EMA weights); the encoder path and the
-latent kind come from there too unless given. --score prints each sample's zero-shot SigLIP-2 image-text logit
-computed on the generated latent itself (no decoding: generated latents live in the encoder's own space), and, for
-toy-world prompts, the toy GenEval accuracies.
+`generate()` is the whole method in one function (prompts -> latents); the rest of the file loads the models, writes
+PNGs and scores. The DiT is rebuilt from the config stored in its export (dit.safetensors, EMA weights); the encoder
+path and the latent kind come from there too unless given. --score prints each sample's zero-shot SigLIP-2
+image-text logit computed on the generated latent itself (no decoding: generated latents live in the encoder's own
+space), and, for toy-world prompts, the toy GenEval accuracies.
 """
 import argparse
 import json
@@ -20,9 +21,12 @@ from contextlib import nullcontext
 
 import torch
 
+import ckpt
 import data
 import dit
 import rae
+import toy
+import vae
 
 
 def parse_args(argv=None):
@@ -35,9 +39,10 @@ def parse_args(argv=None):
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts", help="a text file with one prompt per line")
     p.add_argument("--n", type=int, default=1, help="samples per prompt")
-    p.add_argument("--cfg", type=float, default=None,
+    p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (1: off; default 4, and 1 for --demo, where it scores best)")
-    p.add_argument("--cfg-interval", type=float, nargs=2, default=(0.0, 1.0), help="apply CFG only for t in [lo, hi]")
+    p.add_argument("--guidance-interval", type=float, nargs=2, default=(0.0, 1.0),
+                   help="apply guidance only for t in [lo, hi]")
     p.add_argument("--steps", type=int, default=50, help="sampler steps")
     p.add_argument("--sampler", choices=["euler", "heun", "stochastic"], default="euler",
                    help="Euler / Heun ODE, or stochastic: fresh noise each step (dit.sample; --demo uses it)")
@@ -55,48 +60,70 @@ def parse_args(argv=None):
         p.error("--ckpt is required (or --demo)")
     if not 0.0 <= args.eta <= 1.0:
         p.error(f"--eta must be in [0, 1], got {args.eta}")
-    if args.cfg is None:
-        # the toy DiT's shapes come out sharper unguided (shape 56.8% at CFG 1, 28.8% at CFG 4; colour 100% at both)
-        args.cfg = 1.0 if args.demo else 4.0
+    if args.guidance is None:  # the toy DiT draws sharper shapes unguided (NOTES.md, the guidance sweep)
+        args.guidance = 1.0 if args.demo else 4.0
     return args
 
 
-def load_dit(path, device, raw=False):
-    """dit.safetensors (EMA weights + config in the metadata) -> (DiT, metadata dict). raw: the same DiT with the
-    non-EMA weights of the ckpt.pt next to it."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "dit.safetensors")
-    meta = rae.read_metadata(path)
-    cfg = rae.config_from_metadata(path, meta, "dit_config", dit.DiTConfig)
-    try:
-        alpha = float(meta.get("alpha", ""))
-    except ValueError:
-        alpha = math.nan
-    if not (math.isfinite(alpha) and alpha > 0):
-        raise ValueError(f"{path}: metadata 'alpha' is {meta.get('alpha')!r}, expected a positive number (the time shift)")
-    if meta.get("latent", "rae") not in ("rae", "vae"):
-        raise ValueError(f"{path}: metadata 'latent' is {meta['latent']!r}, expected 'rae' or 'vae'")
-    with torch.device("meta"):
-        try:
-            model = dit.DiT(cfg)
-        except (AssertionError, ValueError) as e:  # dit.py asserts what its blocks need (square grid, head sizes)
-            raise ValueError(f"{path}: metadata 'dit_config': {e}") from None
-    if raw:
-        path = os.path.join(os.path.dirname(path), "ckpt.pt")
-        ck = rae.read_checkpoint(path)
-        if not isinstance(ck.get("model"), dict):
-            raise ValueError(f"{path}: missing key 'model' (not a train_dit.py checkpoint)")
-        rae.load_checked(model, ck["model"], path)
-    else:
-        rae.load_checked(model, rae.read_safetensors(path), path)
-    return model.to(device).eval(), meta
-
-
-def main(args):
-    if args.demo:
-        return demo(args)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# ----------------------------------------------------------------------------- the method
+@torch.no_grad()
+def generate(model, siglip, prompts, alpha, seed=0, steps=50, sampler="euler", guidance=1.0,
+             guidance_interval=(0.0, 1.0), eta=1.0, batch=16, progress=True):
+    """Prompts -> latents z (len(prompts), N, C) in the DiT's latent space.
+    model: a DiT (dit.load_dit); siglip: the frozen SigLIP-2 whose text tower conditions it; alpha: its time shift.
+    Image j starts from noise drawn from its own generator, seeded seed * 10^6 + j, which also draws its fresh noise
+    in the stochastic sampler: the same image j whatever `batch`."""
+    device = next(model.parameters()).device
+    N, C = model.cfg.num_tokens, model.cfg.in_channels
+    gens = [torch.Generator(device).manual_seed(seed * 1_000_000 + j) for j in range(len(prompts))]
+    noise = torch.stack([torch.randn(N, C, generator=g, device=device) for g in gens])  # (B, N, C)
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
+    out = []
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i:i + batch]
+        with autocast:
+            cond = siglip.text(siglip.tokenizer(chunk).to(device)).float()  # (b, 64, Dt) text states
+            out.append(dit.sample(model, noise[i:i + len(chunk)], cond, alpha, steps=steps, method=sampler,
+                                  guidance=guidance, guidance_interval=tuple(guidance_interval), progress=progress,
+                                  eta=eta, generator=gens[i:i + len(chunk)]).float())
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------- loading, checking, writing
+def load_models(args, device):
+    """The DiT (EMA, or ckpt.pt's weights with --raw), the SigLIP-2 it was trained with, and a decode function
+    (latents -> pixels) or None without --decoder. Towers and decoder that do not fit the DiT fail here, before
+    any sampling."""
+    model, meta = dit.load_dit(args.ckpt, device)
+    if args.raw:
+        path = os.path.join(args.ckpt if os.path.isdir(args.ckpt) else os.path.dirname(args.ckpt), "ckpt.pt")
+        ck = ckpt.read_checkpoint(path)
+        ckpt.report(path, [] if isinstance(ck.get("model"), dict) else ["missing key 'model' (not a train_dit.py "
+                                                                        "checkpoint)"])
+        ckpt.load_checked(model, ck["model"], path)
+        model = model.to(device)
+    cfg, encoder = model.cfg, args.encoder or meta.get("encoder")
+    siglip = toy.load_encoder(encoder).to(device)
+    stats = rae.load_latent_stats(meta["stats"], cfg.in_channels, cfg.num_tokens) if meta.get("stats") else None
+    decoder = rae.load_decoder(args.decoder, device) if args.decoder else None
+    if cfg.cond == "text" and siglip.text.pos_embed.shape[1] != cfg.text_dim:
+        raise SystemExit(f"{encoder or 'toy'}: its text tower is {siglip.text.pos_embed.shape[1]} wide, but {args.ckpt} "
+                         f"was trained on text_dim {cfg.text_dim}; pass the --encoder it was trained with")
+    if decoder is not None and meta.get("latent", "rae") == "rae" and \
+            (decoder.cfg.num_tokens, decoder.cfg.latent_dim) != (cfg.num_tokens, cfg.in_channels):
+        raise SystemExit(f"{args.decoder}: decodes latents ({decoder.cfg.num_tokens}, {decoder.cfg.latent_dim}), but "
+                         f"{args.ckpt} generates ({cfg.num_tokens}, {cfg.in_channels})")
+    ae = rae.RAE(siglip.vision, decoder, stats).to(device)
+    decode = ae.decode if decoder is not None else None  # latents (B, N, C) -> pixels (B, 3, H, W)
+    if meta.get("latent") == "vae":  # the FLUX VAE baseline: tokens -> (B, 16, h, w) -> VAE decoder
+        flux, h = vae.load_flux_vae(args.vae or meta.get("vae"), device=device), 2 * math.isqrt(cfg.num_tokens)
+        decode = lambda z: flux.decode(vae.unpack(z, h, h))
+    return model, meta, siglip, ae, decode
+
+
+def read_prompts(args, tokenizer, text_len):
+    """--prompt and --prompts FILE -> the list of prompts, each repeated --n times. A prompt longer than the DiT
+    reads is cut; say so, in tokens."""
     prompts = list(args.prompt)
     if args.prompts:
         try:
@@ -106,86 +133,67 @@ def main(args):
             raise SystemExit(f"{args.prompts}: cannot read the prompts ({type(e).__name__}: {e})") from None
     if not prompts:
         raise SystemExit("no prompt: give --prompt TEXT (repeatable) or --prompts FILE")
-    for p in prompts:  # the tokenizer keeps 63 tokens; say so instead of silently cutting a long prompt
-        if len(p) > 300:
-            print(f"note: prompt of {len(p)} characters is truncated to 64 tokens: {p[:40]!r}...")
+    limit = min(tokenizer.max_len, text_len)  # the tower's 64 positions, of which the DiT reads text_len
+    for p in prompts:
+        n = len(tokenizer.encode(p.lower())) + 1  # + EOS
+        if n > limit:
+            print(f"note: this prompt is {n} tokens with EOS, the DiT reads the first {limit}: {p[:40]!r}...")
+    return [p for p in prompts for _ in range(args.n)]
 
-    model, meta = load_dit(args.ckpt, device, raw=args.raw)
-    cfg = model.cfg
-    encoder = args.encoder or meta.get("encoder")
-    siglip = data.toy_encoder() if encoder in (None, "toy") else rae.load_siglip2(encoder)
-    siglip = siglip.to(device)
-    alpha = float(meta["alpha"])
-    stats = rae.load_latent_stats(meta["stats"], cfg.in_channels, cfg.num_tokens) if meta.get("stats") else None
-    decoder = rae.load_decoder(args.decoder, device) if args.decoder else None
-    # the towers and the decoder must be those the DiT was trained with: say so now, not after sampling
-    if cfg.cond == "text" and siglip.text.pos_embed.shape[1] != cfg.text_dim:
-        raise SystemExit(f"{encoder or 'toy'}: its text tower is {siglip.text.pos_embed.shape[1]} wide, but {args.ckpt} "
-                         f"was trained on text_dim {cfg.text_dim}; pass the --encoder it was trained with")
-    if decoder is not None and meta.get("latent", "rae") == "rae" and \
-            (decoder.cfg.num_tokens, decoder.cfg.latent_dim) != (cfg.num_tokens, cfg.in_channels):
-        raise SystemExit(f"{args.decoder}: decodes latents ({decoder.cfg.num_tokens}, {decoder.cfg.latent_dim}), but "
-                         f"{args.ckpt} generates ({cfg.num_tokens}, {cfg.in_channels})")
-    ae = rae.RAE(siglip.vision, decoder, stats).to(device)
-    decode = ae.decode if args.decoder else None  # latents (B, N, C) -> pixels (B, 3, H, W)
-    if meta.get("latent") == "vae":  # the FLUX VAE baseline: tokens -> (B, 16, h, w) -> VAE decoder
-        import vae as vae_mod
-        flux = vae_mod.load_flux_vae(args.vae or meta.get("vae"), device=device)
-        h = 2 * math.isqrt(cfg.num_tokens)
-        decode = lambda z: flux.decode(vae_mod.unpatchify(z, h, h))
 
-    # sample in batches: prompt i repeated n times. Image j draws its starting noise and the stochastic sampler's
-    # fresh noise from its own generator, seeded seed * 1e6 + j: the same image j whatever --batch
-    todo = [p for p in prompts for _ in range(args.n)]
-    gens = [torch.Generator(device).manual_seed(args.seed * 1_000_000 + j) for j in range(len(todo))]
-    noise = torch.stack([torch.randn(cfg.num_tokens, cfg.in_channels, generator=g, device=device) for g in gens])
-    latents = []
-    t0 = time.time()
-    for i in range(0, len(todo), args.batch):
-        chunk = todo[i:i + args.batch]
-        with torch.no_grad(), autocast:
-            cond = siglip.text(siglip.tokenizer(chunk).to(device)).float()
-            latents.append(dit.sample(model, noise[i:i + len(chunk)], cond, alpha, steps=args.steps,
-                                      method=args.sampler, cfg=args.cfg, cfg_interval=tuple(args.cfg_interval),
-                                      progress=True, eta=args.eta, generator=gens[i:i + len(chunk)]).float())
-    z = torch.cat(latents)  # (len(todo), N, C)
-    print(f"{len(todo)} samples in {time.time() - t0:.1f}s")
-    os.makedirs(args.out, exist_ok=True)
-    if args.save_latents:
-        rae.save_safetensors(os.path.join(args.out, "latents.safetensors"), {"z": z.cpu()},
-                             metadata={"prompts": json.dumps(todo)})
-
-    if args.score and meta.get("latent", "rae") == "rae":
-        # SigLIP image-text logit of each latent with its own prompt, straight from z (no pixels involved)
+def score(siglip, ae, z, img, prompts):
+    """Print each sample's SigLIP logit with its own prompt, straight from its latent z; with images, and when every
+    prompt is a toy caption, the toy GenEval accuracies overall and by kind of prompt (returned)."""
+    if z is not None:
         with torch.no_grad():
             img_emb = siglip.vision.pool(ae.unnormalize(z))
-            txt_emb = siglip.text.pool(siglip.text(siglip.tokenizer(todo).to(device)))
+            txt_emb = siglip.text.pool(siglip.text(siglip.tokenizer(prompts).to(z.device)))
             logits = siglip.logits(img_emb, txt_emb).diagonal()
-        for p, s in zip(todo, logits.tolist()):
+        for p, s in zip(prompts, logits.tolist()):
             print(f"siglip logit {s:7.3f}  {p}")
+    truth = toy.toy_truth(prompts)  # None for prompts that are not toy-world captions
+    if img is None or truth is None:
+        return None
+    show = lambda acc: ", ".join(f"{k} {v:.1%}" for k, v in acc.items() if k != "n" and v == v)  # not NaN
+    acc = toy.score_toy(img.cpu(), truth)
+    print(f"toy GenEval: {show(acc)}, n {acc['n']}")
+    # by kind of prompt: two objects need each colour bound to its own position, which one object does not
+    for kind, count in (("one object", 1), ("two objects", 2), ("a word", 0)):
+        idx = [i for i, a in enumerate(truth) if len(a.get("objects", [])) == count]
+        if idx and len(idx) < len(truth):
+            print(f"  {kind:11s} ({len(idx)} prompts): {show(toy.score_toy(img[idx].cpu(), [truth[i] for i in idx]))}")
+    return acc
+
+
+def main(args):
+    if args.demo:
+        return demo(args)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, meta, siglip, ae, decode = load_models(args, device)
+    prompts = read_prompts(args, siglip.tokenizer, model.cfg.text_len)
+    t0 = time.time()
+    z = generate(model, siglip, prompts, float(meta["alpha"]), args.seed, args.steps, args.sampler, args.guidance,
+                 args.guidance_interval, args.eta, args.batch)  # (len(prompts), N, C)
+    print(f"{len(prompts)} samples in {time.time() - t0:.1f}s")
+    os.makedirs(args.out, exist_ok=True)
+    if args.save_latents:
+        ckpt.save_safetensors(os.path.join(args.out, "latents.safetensors"), {"z": z.cpu()},
+                              metadata={"prompts": json.dumps(prompts)})
+    rae_latent = meta.get("latent", "rae") == "rae"
     if decode is None:
+        if args.score and rae_latent:
+            score(siglip, ae, z, None, prompts)
         print("no --decoder: saved latents only" if args.save_latents else "no --decoder given: nothing to draw")
-        return
+        return None
+    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
     with torch.no_grad(), autocast:
         img = torch.cat([decode(b).float() for b in z.split(args.batch)]).clamp(-1, 1)  # (B, 3, H, W)
     for k, im in enumerate(img):
-        data.save_image_grid(os.path.join(args.out, f"{k:04d}.png"), im[None], None)
-    columns = args.n if args.n > 1 else min(6, len(todo))  # a row per prompt, or rows of 6 single samples
-    data.save_image_grid(os.path.join(args.out, "grid.png"), img, todo, columns=columns)
+        data.save_image_grid(os.path.join(args.out, f"{k:04d}.png"), im[None])
+    columns = args.n if args.n > 1 else min(6, len(prompts))  # a row per prompt, or rows of 6 single samples
+    data.save_image_grid(os.path.join(args.out, "grid.png"), img, prompts, columns=columns)
     print(f"wrote {len(img)} images and grid.png to {args.out}")
-    if args.score:
-        truth = data.toy_truth(todo)  # None for prompts that are not toy-world captions
-        if truth is not None:
-            show = lambda acc: ", ".join(f"{k} {v:.1%}" for k, v in acc.items() if k != "n" and v == v)  # not NaN
-            acc = data.score_toy(img.cpu(), truth)
-            print(f"toy GenEval: {show(acc)}, n {acc['n']}")
-            # by kind of prompt: two objects need each colour bound to its own position, which one object does not
-            for kind, count in (("one object", 1), ("two objects", 2), ("a word", 0)):
-                idx = [i for i, a in enumerate(truth) if len(a.get("objects", [])) == count]
-                if idx and len(idx) < len(truth):
-                    part = data.score_toy(img[idx].cpu(), [truth[i] for i in idx])
-                    print(f"  {kind:11s} ({len(idx)} prompts): {show(part)}")
-            return acc
+    return score(siglip, ae, z if rae_latent else None, img, prompts) if args.score else None
 
 
 def demo(args):
@@ -196,7 +204,7 @@ def demo(args):
     here = os.path.dirname(os.path.abspath(__file__))
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // 2))}
     os.makedirs("runs", exist_ok=True)
-    data.toy_encoder()  # written once here, before two processes would race to write it
+    toy.load_encoder()  # written once here, before two processes would race to write it
     # --resume: a second demo continues (or, when finished, reuses) the runs instead of being refused
     with open(os.path.join("runs", "toy_decoder.log"), "w") as log:
         print(f"training the toy decoder (log: {log.name}) and the toy DiT side by side")
@@ -206,16 +214,15 @@ def demo(args):
                                   "--sample-every", "0"], env=env)]
         codes = [job.wait() for job in jobs]
     if any(codes):
-        raise SystemExit(f"demo: a training run failed (exit codes: decoder {codes[0]}, DiT {codes[1]}); see above "
-                         f"and runs/toy_decoder.log")
+        raise SystemExit(f"demo: a training run failed (exit codes: decoder {codes[0]}, DiT {codes[1]}); see above and "
+                         f"runs/toy_decoder.log. If runs/ holds the runs of an older version, delete runs/ and rerun")
     with open(os.path.join("runs", "toy_decoder.log")) as log:
         print(log.read().strip().splitlines()[-1])  # "done: ..., held-out PSNR ... dB"
-    prompts = [p for p, _ in data.toy_prompts(96, seed=1)]  # 96 held-out prompts: ~130 objects, ~3% standard error
+    prompts = [p for p, _ in toy.toy_prompts(96, seed=1)]  # 96 held-out prompts: ~130 objects, ~3% standard error
     out = os.path.join("runs", "toy_demo")
     acc = main(parse_args(["--ckpt", "runs/toy_dit", "--decoder", "runs/toy_decoder/decoder.safetensors",
-                           "--out", out, "--score", "--cfg", str(args.cfg), "--steps", "30", "--batch", "48",
-                           "--sampler", "stochastic",
-                           *sum((["--prompt", p] for p in prompts), [])]))
+                           "--out", out, "--score", "--guidance", str(args.guidance), "--steps", "30", "--batch", "48",
+                           "--sampler", "stochastic", *sum((["--prompt", p] for p in prompts), [])]))
     print(f"demo done in {(time.time() - t0) / 60:.1f} min: grid at {out}/grid.png")
     return acc
 

@@ -5,7 +5,7 @@ extra weights: the perceptual loss and the discriminator both read features of t
 (RAE uses LPIPS-VGG and a frozen DINO-S/8). Latent noise augmentation z + sigma * eps, sigma ~ tau U(0, 1).
 
     python train_decoder.py --preset toy                     # CPU, the built-in toy world, a few minutes
-    python train_decoder.py --encoder ckpt/siglip2-so400m-patch14-224 --data /data/images --decoder XL
+    python train_decoder.py --encoder ckpt/siglip2-so400m-patch14-224 --data /data/images --model XL
     torchrun --nproc_per_node=8 train_decoder.py --encoder ckpt/siglip2-so400m-patch14-224 --data /data/shards/{000..999}.tar
 
 Writes to --out: metrics.jsonl, recon_*.png (input | output on held-out images), ckpt.pt (resumable with
@@ -17,24 +17,25 @@ import copy
 import json
 import math
 import os
-import signal
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.nn.utils.parametrizations import spectral_norm
 from tqdm import tqdm
 
+import ckpt
 import data
 import rae
+import toy
+import training
 
-TOY = dict(data="toy", val_data="toy", decoder="toy", batch=16, steps=1500, lr=1e-3, min_lr=1e-4, warmup=50,
+TOY = dict(data="toy", val_data="toy", model="toy", batch=16, steps=1500, lr=1e-3, min_lr=1e-4, warmup=50,
            ema=0.99, noise_tau=0.4, disc_start=900, gan_start=1100, gan_weight=0.1, log_every=25, eval_every=250,
            save_every=250, val_images=32, workers=0, out="runs/toy_decoder")
 
@@ -47,7 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--val-data", help="held-out images for PSNR ('toy' uses the toy world's test split)")
     p.add_argument("--val-images", type=int, default=256, help="held-out images for PSNR")
     p.add_argument("--out", default="runs/decoder", help="output folder")
-    p.add_argument("--decoder", default="XL", choices=list(rae.DECODER_PRESETS), help="decoder size")
+    p.add_argument("--model", default="XL", choices=list(rae.DECODER_PRESETS), help="decoder size preset")
     p.add_argument("--steps", type=int, default=40_000, help="optimizer steps (RAE: 16 ImageNet epochs at 512)")
     p.add_argument("--batch", type=int, default=512, help="global batch size, split over ranks")
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (decoder and discriminator)")
@@ -75,6 +76,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.data is None:
         p.error("--data is required (or use --preset toy)")
+    if args.encoder is None and args.preset != "toy":
+        p.error("--encoder is required (a SigLIP-2 snapshot folder; see `python rae.py download`)")
     if args.steps < 1 or args.batch < 1:
         p.error(f"--steps and --batch must be positive (got {args.steps}, {args.batch})")
     return args
@@ -148,222 +151,188 @@ def adaptive_weight(rec_loss, gan_loss, last_layer, max_weight):
     return (g_rec.norm() / (g_gan.norm() + 1e-6)).clamp(0, max_weight).detach()
 
 
-def lr_at(step, args):
-    """Linear warmup from 0, then cosine from lr to min_lr over the remaining steps."""
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
-    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
 def psnr(a, b):
     """Mean PSNR in dB of images in [-1, 1], each measured on [0, 1] after clamping."""
     mse = ((a.clamp(-1, 1) - b.clamp(-1, 1)) / 2).pow(2).flatten(1).mean(1)
     return (10 * torch.log10(1 / mse.clamp_min(1e-10))).mean().item()
 
 
-def save_grid(path, img, recon):
-    """Rows of (input | reconstruction) as one PNG."""
-    from PIL import Image
-    pair = torch.cat([img, recon.clamp(-1, 1)], dim=3)  # (B, 3, H, 2W)
-    grid = torch.cat(list(pair), dim=1)  # (3, B*H, 2W)
-    Image.fromarray(((grid + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()).save(path)
+# ----------------------------------------------------------------------------- the steps of main
+def frozen_encoder(args, run):
+    """The frozen SigLIP-2 vision tower as an RAE without decoder: latents (ae.encode), perceptual features and
+    discriminator features (ae.encoder.features) all come from it. Returns (ae, the block indices the losses tap)."""
+    ae = rae.RAE(toy.load_encoder(args.encoder or "toy", text=False).vision.to(run.device))
+    depth = len(ae.encoder.blocks)
+    return ae, sorted({max(0, depth * k // 4 - 1) for k in (1, 2, 3, 4)})  # e.g. 27 blocks -> 5, 12, 19, 26
 
 
-# ----------------------------------------------------------------------------- training
-def main(args):
-    # setup: one process (python) or one per GPU (torchrun), the same code path
-    ddp = "RANK" in os.environ
-    if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        local = int(os.environ.get("LOCAL_RANK", 0))
-    else:
-        rank, world, local = 0, 1, 0
-    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
-    if args.batch % world:
-        raise SystemExit(f"--batch {args.batch} is not divisible by the world size {world}")
-    master = rank == 0
-    os.makedirs(args.out, exist_ok=True)
-    ckpt_path = os.path.join(args.out, "ckpt.pt")
-    if os.path.exists(ckpt_path) and not args.resume:  # a forgotten --resume must not overwrite days of training
-        raise SystemExit(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
-    stop = {"signal": None}  # SIGTERM / SIGUSR1 (cluster preemption): finish the step, save, exit 0
-    for s in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(s, lambda num, _: stop.update(signal=num))
+def held_out_images(args, run, size):
+    """(val_images, 3, size, size) on the device for the PSNR, or None without --val-data."""
+    if not args.val_data:
+        return None
+    val_set = toy.ToyWorld(size, seed=args.seed, split="test") if args.val_data == "toy" else \
+        data.build_dataset(args.val_data, size)
+    return torch.stack([val_set[i]["img"] for i in range(args.val_images)]).to(run.device)
 
-    # frozen encoder: latents, perceptual features and discriminator features all come from it
-    model = data.toy_encoder() if args.encoder is None and args.preset == "toy" else None
-    if model is None:
-        if args.encoder is None:
-            raise SystemExit("--encoder is required (a SigLIP-2 snapshot folder; see `python rae.py download`)")
-        model = rae.load_siglip2(args.encoder, text=False)
-    encoder = model.vision.to(device)
-    size = encoder.grid * encoder.patch
-    ae = rae.RAE(encoder)
-    depth = len(encoder.blocks)
-    taps = sorted({max(0, depth * k // 4 - 1) for k in (1, 2, 3, 4)})  # e.g. 27 blocks -> 5, 12, 19, 26
 
-    # data
-    train_set = data.build_dataset(args.data, size, rank, world, seed=args.seed)
-    val_set = data.ToyWorld(size, seed=args.seed, split="test") if args.val_data == "toy" else \
-        data.build_dataset(args.val_data, size) if args.val_data else None
-    val_img = torch.stack([val_set[i]["img"] for i in range(args.val_images)]).to(device) if val_set else None
-
-    # trainable model + EMA; discriminator heads
+def build_models(args, run, encoder, taps):
+    """Decoder + EMA copy + discriminator heads, and their AdamW optimizers (RAE's betas, no weight decay)."""
     cfg = rae.DecoderConfig(latent_dim=encoder.pos_embed.shape[1], num_tokens=encoder.grid ** 2,
-                            patch_size=encoder.patch, **rae.DECODER_PRESETS[args.decoder])
+                            patch_size=encoder.patch, **rae.DECODER_PRESETS[args.model])
     torch.manual_seed(args.seed)  # identical initial weights on every rank
-    decoder = rae.Decoder(cfg).to(device)
+    decoder = rae.Decoder(cfg).to(run.device)
     ema = copy.deepcopy(decoder).requires_grad_(False)
-    disc = Discriminator(encoder, taps).to(device)
+    disc = Discriminator(encoder, taps).to(run.device)
     opt = torch.optim.AdamW(decoder.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
-    if master:
-        print(f"decoder {args.decoder}: {sum(p.numel() for p in decoder.parameters()) / 1e6:.1f}M params, "
-              f"latents {cfg.num_tokens} x {cfg.latent_dim}, images {size}px, world {world}, device {device}")
+    if run.master:
+        print(f"decoder {args.model}: {sum(p.numel() for p in decoder.parameters()) / 1e6:.1f}M params, latents "
+              f"{cfg.num_tokens} x {cfg.latent_dim}, images {encoder.grid * encoder.patch}px, world {run.world}, "
+              f"device {run.device}")
+    return cfg, dict(decoder=decoder, ema=ema, disc=disc), dict(opt=opt, opt_d=opt_d)
 
-    # resume: everything needed to continue exactly (weights, optimizers, step, data position)
-    step, epoch, consumed = 0, 0, 0
-    if args.resume and os.path.exists(ckpt_path):
-        # checked first: another --decoder / --encoder, a truncated or foreign file fail here in one line
-        ck = rae.load_resume(ckpt_path, dict(config=asdict(cfg), decoder=decoder.state_dict(), ema=ema.state_dict(),
-                                             disc=disc.state_dict(), opt=opt, opt_d=opt_d, step=int, epoch=int,
-                                             consumed=int, args=dict))
-        decoder.load_state_dict(ck["decoder"])
-        ema.load_state_dict(ck["ema"])
-        disc.load_state_dict(ck["disc"])
-        opt.load_state_dict(ck["opt"])
-        opt_d.load_state_dict(ck["opt_d"])
-        step, epoch, consumed = ck["step"], ck["epoch"], ck["consumed"]
-        if master:
-            print(f"resumed from {ckpt_path} at step {step}")
 
-    # compile / wrap: keep `decoder` unwrapped for EMA and saving
-    train_decoder = torch.compile(decoder) if args.compile else decoder
-    train_disc = disc
-    if ddp:
-        train_decoder = DDP(train_decoder, device_ids=[local] if device.type == "cuda" else None)
-        train_disc = DDP(disc, device_ids=[local] if device.type == "cuda" else None)
+def resume(args, run, cfg, models, opts):
+    """Continue exactly from OUT/ckpt.pt: weights, optimizers, step and data position -> (step, epoch, consumed).
+    The file is checked first: another --model or --encoder, a changed --batch, a truncated or foreign file fail
+    here in one message naming every bad key."""
+    if not (args.resume and os.path.exists(run.ckpt_path)):
+        return 0, 0, 0
+    expect = dict(config=asdict(cfg), **{k: m.state_dict() for k, m in models.items()}, **opts, step=int, epoch=int,
+                  consumed=int, args=dict)
+    ck = ckpt.check_resume(run.ckpt_path, expect, vars(args), fixed=("batch",))
+    for name, obj in {**models, **opts}.items():
+        obj.load_state_dict(ck[name])
+    changed = training.note_changes(ck["args"], args, ("steps", "lr", "min_lr", "warmup"))
+    if run.master:
+        print(f"resumed from {run.ckpt_path} at step {ck['step']}" + (f" ({', '.join(changed)})" if changed else ""))
+    return ck["step"], ck["epoch"], ck["consumed"]
 
-    def save():
-        if master:
-            ck = dict(decoder=decoder.state_dict(), ema=ema.state_dict(), disc=disc.state_dict(),
-                      opt=opt.state_dict(), opt_d=opt_d.state_dict(), step=step, epoch=epoch, consumed=consumed,
-                      config=asdict(cfg), args=vars(args))
-            torch.save(ck, ckpt_path + ".tmp")
-            os.replace(ckpt_path + ".tmp", ckpt_path)  # a crash mid-write leaves the previous checkpoint intact
-            rae.save_decoder(os.path.join(args.out, "decoder.safetensors"), ema)
-        if ddp:
-            dist.barrier()
 
-    def evaluate():
-        ema.eval()
-        with torch.no_grad(), autocast:
-            recon = torch.cat([ema(ae.encode(b)) for b in val_img.split(16)]).float()
-        save_grid(os.path.join(args.out, f"recon_{step:06d}.png"), val_img[:8], recon[:8])
-        return psnr(recon, val_img)
+def save(args, run, cfg, models, opts, step, epoch, consumed):
+    """ckpt.pt (everything to resume exactly) and decoder.safetensors (the EMA weights, for sampling)."""
+    if run.master:
+        ck = dict(**{k: m.state_dict() for k, m in {**models, **opts}.items()}, step=step, epoch=epoch,
+                  consumed=consumed, config=asdict(cfg), args=vars(args))
+        ckpt.save_checkpoint(run.ckpt_path, ck)
+        rae.save_decoder(os.path.join(args.out, "decoder.safetensors"), models["ema"])
+    run.barrier()
 
-    # loop
-    per_rank = args.batch // world
-    batches = data.infinite_batches(train_set, per_rank, rank, world, args.seed, args.workers, epoch, consumed)
+
+@torch.no_grad()
+def evaluate(args, run, ema, ae, val_img, step):
+    """Held-out PSNR of the EMA decoder, and recon_STEP.png: rows of (input | reconstruction)."""
+    ema.eval()
+    with run.autocast():
+        recon = torch.cat([ema(ae.encode(b)) for b in val_img.split(16)]).float()
+    pairs = torch.stack([val_img[:8], recon[:8].clamp(-1, 1)], dim=1).flatten(0, 1)  # (16, 3, H, W): in, out, ...
+    data.save_image_grid(os.path.join(args.out, f"recon_{step:06d}.png"), pairs, columns=2)
+    return psnr(recon, val_img)
+
+
+def train_step(args, run, m, opts, wrapped, ae, taps, img, step):
+    """One step of the decoder, then one of the discriminator once it has started. Noise and augmentation are drawn
+    from a generator of (seed, step, rank), so a resumed run draws the same. Returns the step's metrics."""
+    gen = torch.Generator(run.device).manual_seed(args.seed * 1_000_003 + step * 101 + run.rank)
+    lr = training.lr_at(step, args.lr, args.warmup, args.steps, args.min_lr)
+    for group in opts["opt"].param_groups + opts["opt_d"].param_groups:
+        group["lr"] = lr
+    m["decoder"].train()
+    zero = torch.zeros((), device=run.device)
+    with run.autocast():
+        z = rae.noise_augment(ae.encode(img), args.noise_tau, generator=gen)  # (B, N, C)
+        recon = wrapped["decoder"](z).float()  # (B, 3, H, W)
+        l1 = (recon - img).abs().mean() / 2  # L1 on [0, 1] pixels, as RAE
+        perc = perceptual_loss(ae.encoder, taps, recon, img) if args.perceptual_weight > 0 else zero
+        loss = l1 + args.perceptual_weight * perc
+        gan, weight = zero, zero
+        if step >= args.gan_start and args.gan_weight > 0:
+            gan = -m["disc"](diff_augment(recon, gen)).mean()  # generator side of the hinge GAN
+            weight = adaptive_weight(loss, gan, m["decoder"].pred.weight, args.max_d_weight)
+            loss = loss + args.gan_weight * weight * gan
+    training.check_finite(run, step, loss=loss)
+    opts["opt"].zero_grad(set_to_none=True)
+    loss.backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(m["decoder"].parameters(), args.clip if args.clip > 0 else float("inf"))
+    training.check_finite(run, step, gradient_norm=gnorm)
+    opts["opt"].step()
+    training.ema_update(m["ema"], m["decoder"], args.ema)
+    d_loss = zero
+    if step >= args.disc_start:  # hinge loss on 8-bit-quantized reconstructions vs real images
+        fake = ((recon.detach().clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+        with run.autocast():
+            d_real = wrapped["disc"](diff_augment(img, gen), grad_to_input=False)
+            d_fake = wrapped["disc"](diff_augment(fake, gen), grad_to_input=False)
+            d_loss = 0.5 * (F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean())
+        training.check_finite(run, step, discriminator_loss=d_loss)
+        opts["opt_d"].zero_grad(set_to_none=True)
+        d_loss.backward()
+        opts["opt_d"].step()
+    return dict(loss=loss.item(), l1=l1.item(), perceptual=perc.item(), gan=gan.item(), gan_weight=weight.item(),
+                d_loss=d_loss.item(), lr=lr, grad_norm=gnorm.item())
+
+
+def main(args):
+    # setup: one process (python) or one per GPU (torchrun), the same code path
+    run = training.setup(args)
+    stop = training.StopSignal()
+    # the frozen encoder, the data, the trainable models
+    ae, taps = frozen_encoder(args, run)
+    size = ae.encoder.grid * ae.encoder.patch
+    train_set = toy.dataset(args.data, size, run.rank, run.world, seed=args.seed)
+    val_img = held_out_images(args, run, size)
+    cfg, models, opts = build_models(args, run, ae.encoder, taps)
+    step, epoch, consumed = resume(args, run, cfg, models, opts)
+    # compile / wrap: keep the unwrapped decoder for EMA and saving
+    wrapped = dict(decoder=torch.compile(models["decoder"]) if args.compile else models["decoder"], disc=models["disc"])
+    if run.ddp:
+        wrapped = {k: DDP(w, device_ids=[run.local] if run.device.type == "cuda" else None) for k, w in wrapped.items()}
+
+    # the loop
+    batches = data.infinite_batches(train_set, args.batch // run.world, run.rank, run.world, args.seed, args.workers,
+                                    epoch, consumed)
     bad = data.BadSampleCounter()
-    log = open(os.path.join(args.out, "metrics.jsonl"), "a") if master else None
-    t0, seen = time.time(), 0
-    def stopping():  # all ranks stop at the same step, even if the signal reached them at different times
-        flag = torch.tensor([stop["signal"] is not None], dtype=torch.int32, device=device)
-        if ddp:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-    def check_finite(name, value):
-        """Stop every rank if `value` is not finite on any of them (a rank that stopped alone would leave the others
-        waiting in the next collective), before the optimizer step it would feed; nothing is saved, so ckpt.pt and
-        decoder.safetensors stay those of the last good save."""
-        flag = (~torch.isfinite(value.detach())).int().reshape(1)
-        if ddp:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item():
-            last = ckpt_path if os.path.exists(ckpt_path) else "none yet"
-            raise SystemExit(f"step {step}: {name} is not finite (rank {rank}: {value.item()}); stopping without "
-                             f"saving (last good checkpoint: {last})")
-
+    log = open(os.path.join(args.out, "metrics.jsonl"), "a") if run.master else None
+    t0, seen, first = time.time(), 0, step
     # the bar only on rank 0 and only on a terminal (disable=None): a log file gets the metrics lines, not a bar
-    bar = tqdm(total=args.steps, initial=step, disable=None if master else True, dynamic_ncols=True)
-    while step < args.steps and not stopping():
+    bar = tqdm(total=args.steps, initial=step, disable=None if run.master else True, dynamic_ncols=True)
+    while step < args.steps and not stop.requested(run):
         epoch, consumed, batch = next(batches)
         bad.update(batch.get("bad", {}))
-        img = batch["img"].to(device, non_blocking=True)
-        # per-step generators: noise and augmentation are a function of (seed, step, rank), so resume is exact
-        gen = torch.Generator(device).manual_seed(args.seed * 1_000_003 + step * 101 + rank)
-        lr = lr_at(step, args)
-        for group in opt.param_groups + opt_d.param_groups:
-            group["lr"] = lr
-        decoder.train()
-        with autocast:
-            z = rae.noise_augment(ae.encode(img), args.noise_tau, generator=gen)  # (B, N, C)
-            recon = train_decoder(z).float()  # (B, 3, H, W)
-            l1 = (recon - img).abs().mean() / 2  # L1 on [0, 1] pixels, as RAE
-            perc = perceptual_loss(encoder, taps, recon, img) if args.perceptual_weight > 0 else torch.zeros((), device=device)
-            loss = l1 + args.perceptual_weight * perc
-            gan, weight = torch.zeros((), device=device), torch.zeros((), device=device)
-            if step >= args.gan_start and args.gan_weight > 0:
-                gan = -disc(diff_augment(recon, gen)).mean()  # generator side of the hinge GAN
-                weight = adaptive_weight(loss, gan, decoder.pred.weight, args.max_d_weight)
-                loss = loss + args.gan_weight * weight * gan
-        check_finite("loss", loss)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(decoder.parameters(), args.clip if args.clip > 0 else float("inf"))
-        opt.step()
-        with torch.no_grad():
-            for e, p in zip(ema.parameters(), decoder.parameters()):
-                e.lerp_(p, 1 - args.ema)
-        d_loss = torch.zeros((), device=device)
-        if step >= args.disc_start:  # hinge loss on 8-bit-quantized reconstructions vs real images
-            fake = ((recon.detach().clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
-            with autocast:
-                d_real = train_disc(diff_augment(img, gen), grad_to_input=False)
-                d_fake = train_disc(diff_augment(fake, gen), grad_to_input=False)
-                d_loss = 0.5 * (F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean())
-            check_finite("discriminator loss", d_loss)
-            opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
-            opt_d.step()
+        img = batch["img"].to(run.device, non_blocking=True)
+        if step == first:  # where the data enters: once, not in every forward (it reads the values: a device sync)
+            rae.check_pixels(img, f"--data {args.data}")
+        rec = train_step(args, run, models, opts, wrapped, ae, taps, img, step)
         step += 1
-        seen += img.shape[0] * world
-        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        seen += img.shape[0] * run.world
+        bar.set_postfix(loss=f"{rec['loss']:.4f}", refresh=False)
         bar.update()
-
-        if master and (step % args.log_every == 0 or step == args.steps):
-            rec = dict(step=step, loss=loss.item(), l1=l1.item(), perceptual=perc.item(), gan=gan.item(),
-                       gan_weight=weight.item(), d_loss=d_loss.item(), lr=lr, grad_norm=gnorm.item(),
-                       img_per_s=seen / (time.time() - t0), bad_samples=bad.total())
+        if run.master and (step % args.log_every == 0 or step == args.steps):
+            rec = dict(step=step, **rec, img_per_s=seen / (time.time() - t0), bad_samples=bad.total())
             if val_img is not None and (step % args.eval_every == 0 or step == args.steps):
-                rec["val_psnr"] = evaluate()
+                rec["val_psnr"] = evaluate(args, run, models["ema"], ae, val_img, step)
             log.write(json.dumps(rec) + "\n")
             log.flush()
             tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
             sys.stdout.flush()  # tqdm.write does not: a cluster's log file would get these lines in bursts
             t0, seen = time.time(), 0
         if step % args.save_every == 0 or step == args.steps:
-            save()
+            save(args, run, cfg, models, opts, step, epoch, consumed)
 
+    # the end: a signal saves where it stopped; a finished run reports its held-out PSNR
     bar.close()
-    if step < args.steps:  # stopped by a signal (on this rank or another)
-        save()
-        if master:
-            print(f"stop signal: saved step {step} to {ckpt_path}; rerun with --resume to continue")
-    elif master:
-        print(f"done: {args.out}/decoder.safetensors" + (f", held-out PSNR {evaluate():.2f} dB" if val_img is not None else ""))
-        if bad.total():
-            print(f"skipped bad samples: {bad}")
-    if ddp:
-        dist.destroy_process_group()
+    if step < args.steps:
+        save(args, run, cfg, models, opts, step, epoch, consumed)
+        if run.master:
+            print(f"stop signal: saved step {step} to {run.ckpt_path}; rerun with --resume to continue")
+    elif run.master:
+        held_out = "" if val_img is None else \
+            f", held-out PSNR {evaluate(args, run, models['ema'], ae, val_img, step):.2f} dB"
+        print(f"done: {args.out}/decoder.safetensors{held_out}")
+    if run.master and bad.total():
+        print(f"skipped bad samples: {bad}")
+    if run.ddp:
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

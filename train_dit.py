@@ -1,7 +1,7 @@
 """Stage 2: train the DiT with flow matching on frozen latents, conditioned on the frozen SigLIP-2 text tower.
 
 `--latent rae`: z = LayerNorm(SigLIP-2 vision tower) (B, 256, 1152), the paper's latent; `--latent vae`: the FLUX.1
-VAE latent, 2x2-patchified to (B, 256, 64), for the controlled comparison (Scale-RAE Sec. 4). The time shift
+VAE latent, 2x2-packed to (B, 256, 64), for the controlled comparison (Scale-RAE Sec. 4). The time shift
 alpha = sqrt(N * C / 4096) is computed from the latent shape. One script for one CPU, one GPU and many GPUs:
 
     python train_dit.py --preset toy                                            # CPU, toy world, minutes
@@ -20,9 +20,7 @@ import copy
 import functools
 import itertools
 import json
-import math
 import os
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -30,15 +28,22 @@ from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import ckpt
 import data
 import dit
+import latents
 import rae
+import toy
+import training
+import vae
 
 TOY = dict(data="toy", model="toy", batch=32, steps=1200, lr=2e-3, warmup=50, ema=0.99, log_every=50,
-           save_every=400, sample_every=400, workers=0, out="runs/toy_dit", cfg=3.0)
+           save_every=400, sample_every=400, workers=0, out="runs/toy_dit", guidance=3.0)
 
 
 def parse_args(argv=None):
@@ -47,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--latent", choices=["rae", "vae"], default="rae", help="latent space: SigLIP-2 RAE or FLUX VAE")
     p.add_argument("--encoder", help="SigLIP-2 snapshot folder (text tower always; vision tower for --latent rae)")
     p.add_argument("--vae", help="FLUX VAE weights for --latent vae (ae.safetensors or a diffusers vae/ folder)")
-    p.add_argument("--stats", help="latent mean/var safetensors for --latent rae (rae.compute_latent_stats)")
+    p.add_argument("--stats", help="latent mean/var safetensors for --latent rae (`python latents.py stats` writes it)")
     p.add_argument("--decoder", help="decoder.safetensors from train_decoder.py, to decode the sample grids")
     p.add_argument("--data", help="'toy', an image folder, class folders, or .tar shards")
     p.add_argument("--class-cond", action="store_true", help="condition on class ids (class-folder datasets)")
@@ -80,7 +85,7 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints")
     p.add_argument("--sample-every", type=int, default=5000, help="steps between sample grids (0: never)")
     p.add_argument("--prompts", nargs="*", default=None, help="fixed prompts of the sample grid")
-    p.add_argument("--cfg", type=float, default=4.0, help="guidance scale of the sample grid")
+    p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale of the sample grid")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt if there is one (required if so)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, data order and noise")
     p.add_argument("--plan", action="store_true", help="print parameters, FLOPs and memory per GPU, then exit")
@@ -95,6 +100,10 @@ def parse_args(argv=None):
         p.error(f"--steps, --batch and --grad-accum must be positive (got {args.steps}, {args.batch}, {args.grad_accum})")
     if not args.plan and args.data is None:
         p.error("--data is required (or use --preset toy)")
+    if not args.plan and args.encoder is None and args.preset != "toy":
+        p.error("--encoder is required (a SigLIP-2 snapshot folder; see `python rae.py download`)")
+    if args.latent == "vae" and args.vae is None and not args.plan:
+        p.error("--latent vae needs --vae (FLUX ae.safetensors or a diffusers vae/ folder)")
     if args.class_cond and args.connector_lr is not None:
         p.error("--connector-lr: class conditioning has no text connector")
     args.connector_lr = args.lr if args.connector_lr is None else args.connector_lr
@@ -130,16 +139,7 @@ def plan(args):
               f"{fixed + act_ckpt:11.1f}{'' if fixed + act_ckpt < args.gpu_mem else f'  > {args.gpu_mem:g} GiB even with ckpt'}")
 
 
-# ----------------------------------------------------------------------------- training
-def lr_at(step, args):
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    if args.schedule == "constant":
-        return args.lr
-    progress = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
-    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * progress))
-
-
+# ----------------------------------------------------------------------------- optimizer, noise, frozen models
 def make_optimizer(model, args):
     """AdamW, betas as Scale-RAE's DiT. With --connector-lr the text connector (dit.py's text_proj, queries,
     connector, text_norm, text_out, text_pool) is a second param group; the default keeps one group, as older
@@ -155,7 +155,7 @@ def make_optimizer(model, args):
 
 def set_lr(opt, step, args):
     """The schedule at this step; the connector's group follows it scaled to its own peak."""
-    lr = lr_at(step, args)
+    lr = training.lr_at(step, args.lr, args.warmup, args.steps, args.min_lr, args.schedule)
     for group in opt.param_groups:
         group["lr"] = lr * (args.connector_lr / args.lr if group.get("name") == "connector" else 1.0)
     return lr
@@ -173,91 +173,63 @@ def per_sample_noise(seed, step, indices, shape, alpha, p_drop, device):
     return torch.cat(t), torch.stack(eps), torch.cat(drop)
 
 
-class Latents:
-    """Frozen towers: images -> latents z (B, N, C), captions -> text states (B, 64, Dt). Never trained or saved."""
+class FrozenTowers:
+    """The frozen models: images -> latents z (B, N, C) (the RAE, or the FLUX VAE with --latent vae), captions ->
+    text states (B, 64, Dt) (the SigLIP-2 text tower). Never trained, wrapped or saved."""
     def __init__(self, args, device):
-        siglip = data.toy_encoder() if args.encoder is None and args.preset == "toy" else None
-        if siglip is None:
-            if args.encoder is None:
-                raise SystemExit("--encoder is required (a SigLIP-2 snapshot folder; see `python rae.py download`)")
-            siglip = rae.load_siglip2(args.encoder)
-        self.siglip = siglip.to(device)
+        self.siglip = toy.load_encoder(args.encoder or "toy").to(device)
         self.kind, self.device = args.latent, device
         if args.latent == "rae":
-            stats = rae.load_latent_stats(args.stats, siglip.vision.pos_embed.shape[1]) if args.stats else None
+            stats = rae.load_latent_stats(args.stats, self.siglip.vision.pos_embed.shape[1]) if args.stats else None
             self.rae = rae.RAE(self.siglip.vision, stats=stats).to(device)
             self.size = self.siglip.vision.grid * self.siglip.vision.patch
         else:
-            import vae as vae_mod
-            if args.vae is None:
-                raise SystemExit("--latent vae needs --vae (FLUX ae.safetensors or a diffusers vae/ folder)")
-            self.vae, self.patchify = vae_mod.load_flux_vae(args.vae, device=device), vae_mod.patchify
+            self.vae = vae.load_flux_vae(args.vae, device=device)
             self.size = 256  # 256 px -> 32 x 32 x 16 -> 2x2 patches: 256 tokens x 64, as Scale-RAE's baseline
         self.bf16 = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
+        self.shape = tuple(self.latents(torch.zeros(1, 3, self.size, self.size, device=device)).shape[1:])  # (N, C)
 
     @torch.no_grad()
-    def images(self, img):
+    def latents(self, img):
+        """img (B, 3, H, W) in [-1, 1] -> z (B, N, C)."""
         with self.bf16:
-            z = self.rae.encode(img) if self.kind == "rae" else self.patchify(self.vae.encode(img))
+            z = self.rae.encode(img) if self.kind == "rae" else vae.pack(self.vae.encode(img))
         return z.float()
 
     @torch.no_grad()
-    def text(self, captions):
+    def text_states(self, captions):
+        """B captions -> (B, 64, Dt), the text tower's last states."""
         with self.bf16:
             return self.siglip.text(self.siglip.tokenizer(captions).to(self.device)).float()
 
-    def encode(self, class_cond, batch):
+    def for_cache(self, class_cond, batch):
         """A collated batch -> what --cache-latents stores: z (B, N, C) and text states (B, T, Dt) or labels (B,)."""
-        z = self.images(batch["img"].to(self.device))
-        return dict(z=z, label=batch["label"]) if class_cond else dict(z=z, text=self.text(batch["caption"]))
+        z = self.latents(batch["img"].to(self.device))
+        return dict(z=z, label=batch["label"]) if class_cond else dict(z=z, text=self.text_states(batch["caption"]))
 
 
-def main(args):
-    if args.plan:
-        return plan(args)
-    # setup
-    ddp = "RANK" in os.environ
-    if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        rank, world, local = dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
-    else:
-        rank, world, local = 0, 1, 0
-    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
-    if args.batch % (world * args.grad_accum):
-        raise SystemExit(f"--batch {args.batch} is not divisible by world size {world} x --grad-accum {args.grad_accum}")
-    master = rank == 0
-    os.makedirs(args.out, exist_ok=True)
-    ckpt_path = os.path.join(args.out, "ckpt.pt")
-    if os.path.exists(ckpt_path) and not args.resume:  # a forgotten --resume must not overwrite days of training
-        raise SystemExit(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
-    stop = {"signal": None}  # SIGTERM / SIGUSR1 (cluster preemption): finish the step, save, exit 0
-    for s in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(s, lambda num, _: stop.update(signal=num))
+# ----------------------------------------------------------------------------- the steps of main
+def training_data(args, run, towers):
+    """The dataset to train on: --data read on the fly, or its latents cached once in --cache-latents DIR."""
+    build = functools.partial(toy.dataset, args.data, towers.size, run.rank, run.world, args.seed,
+                              limit=args.max_samples)
+    if not args.cache_latents:
+        return build()
+    N, C = towers.shape
+    text = None if args.class_cond else list(towers.siglip.text.pos_embed.shape)  # (T, Dt)
+    fields = dict(latent=args.latent, N=N, C=C, text=text, encoder=args.encoder or "toy", vae=args.vae,
+                  stats=args.stats, data=args.data, max_samples=args.max_samples, size=towers.size,
+                  dtype=args.cache_dtype)  # what a later run must match to reuse DIR
+    encode = functools.partial(towers.for_cache, args.class_cond)
+    return latents.latent_cache(args.cache_latents, fields, build, encode, run.rank, run.world,
+                                args.batch // run.world, args.workers, getattr(torch, args.cache_dtype))
 
-    # frozen models and data
-    frozen = Latents(args, device)
-    z_probe = frozen.images(torch.zeros(1, 3, frozen.size, frozen.size, device=device))  # (1, N, C)
-    N, C = z_probe.shape[1:]
-    alpha = dit.shift_alpha(N, C)  # from the latent shape, never hard-coded
-    build = functools.partial(data.build_dataset, args.data, frozen.size, rank, world, args.seed, limit=args.max_samples)
-    if args.cache_latents:  # what is cached, and why text states rather than token ids: data.py, "latent cache"
-        text = None if args.class_cond else list(frozen.siglip.text.pos_embed.shape)  # (T, Dt)
-        fields = dict(latent=args.latent, N=N, C=C, text=text, encoder=args.encoder or "toy", vae=args.vae,
-                      stats=args.stats, data=args.data, max_samples=args.max_samples, size=frozen.size,
-                      dtype=args.cache_dtype)  # what a later run must match to reuse DIR
-        encode = functools.partial(frozen.encode, args.class_cond)
-        train_set = data.latent_cache(args.cache_latents, fields, build, encode, rank, world, args.batch // world,
-                                      args.workers, getattr(torch, args.cache_dtype))
-    else:
-        train_set = build()
 
-    # trainable model + EMA
+def build_model(args, run, towers, train_set):
+    """The DiT preset, fitted to the latent (N, C) and the text tower (or the classes), and its EMA copy."""
+    N, C = towers.shape
+    tower = towers.siglip.text
     preset = dict(dit.PRESETS[args.model])
-    tower = frozen.siglip.text
     preset.update(in_channels=C, num_tokens=N, text_dim=tower.pos_embed.shape[1] if tower else 0,
                   text_len=min(preset.get("text_len", 64), tower.pos_embed.shape[0]) if tower else 0)  # <= the tower's
     if args.class_cond:
@@ -266,177 +238,210 @@ def main(args):
         preset.update(cond="text")
     cfg = dit.DiTConfig(**preset)
     torch.manual_seed(args.seed)  # identical initial weights on every rank
-    model = dit.DiT(cfg).to(device)
+    model = dit.DiT(cfg).to(run.device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    if master:
+    if run.master:
         print(f"DiT {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params; latent {args.latent} "
-              f"{N} x {C}, alpha {alpha:.3f}; world {world}, {'FSDP2' if args.fsdp else 'DDP' if ddp else 'single'}, {device}")
+              f"{N} x {C}, alpha {dit.shift_alpha(N, C):.3f}; world {run.world}, "
+              f"{'FSDP2' if args.fsdp else 'DDP' if run.ddp else 'single'}, {run.device}")
     if args.grad_ckpt:  # recompute each block in backward: activation memory of one block instead of all
         for block in model.blocks:
             block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
+    return cfg, model, ema
 
-    # distributed wrapping; the optimizer is built on the (possibly sharded) parameters
+
+def wrap(args, run, model, ema):
+    """FSDP2 (every block and the model sharded; the EMA too), DDP, or nothing; then torch.compile if asked. The
+    unwrapped `model` stays the one for EMA, saving and sampling."""
     if args.fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if run.device.type == "cuda" else MixedPrecisionPolicy()
         for m in (model, ema):
             for block in m.blocks:
                 fully_shard(block, mp_policy=mp)
             fully_shard(m, mp_policy=mp)
         train_model = model
-    elif ddp:
-        train_model = DDP(model, device_ids=[local] if device.type == "cuda" else None)
+    elif run.ddp:
+        train_model = DDP(model, device_ids=[run.local] if run.device.type == "cuda" else None)
     else:
         train_model = model
-    if args.compile:
-        train_model = torch.compile(train_model)
-    opt = make_optimizer(model, args)
+    return torch.compile(train_model) if args.compile else train_model
 
-    # checkpoints: full state dicts on rank 0 (gathered from shards under FSDP2)
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict, set_model_state_dict,
-                                                         set_optimizer_state_dict)
+
+def resume(args, run, cfg, model, ema, opt):
+    """Continue exactly from OUT/ckpt.pt -> (step, epoch, consumed). Checked first: another --model or --encoder, a
+    changed --batch or --grad-accum (which would move the data position), a truncated or foreign file fail here in
+    one message naming every bad key. Full state dicts, scattered to the shards under FSDP2."""
+    if not (args.resume and os.path.exists(run.ckpt_path)):
+        return 0, 0, 0
+    ck = ckpt.check_resume(run.ckpt_path, dict(config=asdict(cfg), model=model.state_dict(), ema=ema.state_dict(),
+                                               opt=opt, step=int, epoch=int, consumed=int, args=dict),
+                           vars(args), fixed=("batch", "grad_accum"))
+    load = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, ck["model"], options=load)
+    set_model_state_dict(ema, ck["ema"], options=load)
+    set_optimizer_state_dict(model, opt, ck["opt"], options=load)
+    changed = training.note_changes(ck["args"], args, ("steps", "lr", "connector_lr", "min_lr", "warmup", "schedule"))
+    if run.master:
+        print(f"resumed from {run.ckpt_path} at step {ck['step']}" + (f" ({', '.join(changed)})" if changed else ""))
+    return ck["step"], ck["epoch"], ck["consumed"]
+
+
+def save(args, run, cfg, model, ema, opt, alpha, step, epoch, consumed):
+    """ckpt.pt (everything to resume exactly) and dit.safetensors (the EMA weights with the config, the time shift
+    and the latent's description, for sample.py). Gathering the full state is a collective: every rank calls."""
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    step, epoch, consumed = 0, 0, 0
-    if args.resume and os.path.exists(ckpt_path):
-        # checked first: another --model / --encoder, a truncated or foreign file fail here in one line
-        ck = rae.load_resume(ckpt_path, dict(config=asdict(cfg), model=model.state_dict(), ema=ema.state_dict(),
-                                             opt=opt, step=int, epoch=int, consumed=int, args=dict))
-        load = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(model, ck["model"], options=load)
-        set_model_state_dict(ema, ck["ema"], options=load)
-        set_optimizer_state_dict(model, opt, ck["opt"], options=load)
-        step, epoch, consumed = ck["step"], ck["epoch"], ck["consumed"]
-        if master:
-            print(f"resumed from {ckpt_path} at step {step}")
+    states = dict(model=get_model_state_dict(model, options=full), ema=get_model_state_dict(ema, options=full),
+                  opt=get_optimizer_state_dict(model, opt, options=full))
+    if run.master:
+        ckpt.save_checkpoint(run.ckpt_path, dict(**states, step=step, epoch=epoch, consumed=consumed,
+                                                 config=asdict(cfg), args=vars(args)))
+        meta = dict(dit_config=json.dumps(asdict(cfg)), alpha=str(alpha), latent=args.latent, step=str(step),
+                    encoder=str(args.encoder or "toy"), vae=str(args.vae or ""), stats=str(args.stats or ""))
+        ckpt.save_safetensors(os.path.join(args.out, "dit.safetensors"), states["ema"], metadata=meta)
+    run.barrier()
 
-    def save():
-        states = dict(model=get_model_state_dict(model, options=full), ema=get_model_state_dict(ema, options=full),
-                      opt=get_optimizer_state_dict(model, opt, options=full))  # collectives: every rank calls
-        if master:
-            ck = dict(**states, step=step, epoch=epoch, consumed=consumed, config=asdict(cfg), args=vars(args))
-            torch.save(ck, ckpt_path + ".tmp")
-            os.replace(ckpt_path + ".tmp", ckpt_path)  # never a half-written ckpt.pt
-            meta = dict(dit_config=json.dumps(asdict(cfg)), alpha=str(alpha), latent=args.latent, step=str(step),
-                        encoder=str(args.encoder or "toy"), vae=str(args.vae or ""), stats=str(args.stats or ""))
-            rae.save_safetensors(os.path.join(args.out, "dit.safetensors"), states["ema"], metadata=meta)
-        if ddp:
-            dist.barrier()
 
-    prompts = args.prompts or ([p for p, _ in data.toy_prompts(8)] if args.data.startswith("toy") else
+def sample_grid(args, run, towers, cfg, ema, alpha, decoder, prompts, step):
+    """Fixed prompts -> EMA samples -> samples_STEP.png (decoded when --decoder is given). Under FSDP2 every rank
+    runs the sharded EMA forward (its all-gathers need them all); only rank 0 writes."""
+    g = torch.Generator(run.device).manual_seed(args.seed)
+    noise = torch.randn(len(prompts), *towers.shape, generator=g, device=run.device)
+    cond = towers.text_states(prompts) if cfg.cond == "text" else \
+        torch.arange(len(prompts), device=run.device) % cfg.num_classes
+    with run.autocast():
+        z = dit.sample(ema, noise, cond, alpha, steps=25, guidance=args.guidance)
+    if decoder is None or not run.master:
+        return
+    img = decoder(towers.rae.unnormalize(z.float())).clamp(-1, 1)  # (B, 3, H, W)
+    data.save_image_grid(os.path.join(args.out, f"samples_{step:06d}.png"), img, prompts)
+
+
+def text_states(towers, batch):
+    """(b, T, Dt) text states of a batch: cached by --cache-latents, or from the frozen text tower."""
+    return batch["text"].to(towers.device).float() if "z" in batch else towers.text_states(batch["caption"])
+
+
+def fix_text_stats(args, run, model, ema, towers, batches):
+    """A fresh text-conditioned run fixes the DiT's text standardisation from its first --text-stats captions (over
+    all ranks), computed once on the model and copied to the EMA; the batches read for it are then trained on, in
+    order. (A resumed run has the statistics in its checkpoint.)"""
+    held, states = [], []
+    while sum(len(s) for s in states) < max(1, args.text_stats // run.world):  # this rank's share of the captions
+        held.append(next(batches))
+        states.append(text_states(towers, held[-1][2]))
+    states = torch.cat(states)  # (K, T, Dt)
+    model.set_text_stats(states, dist.all_reduce if run.ddp else None)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+    if run.master:
+        print(f"text standardisation from {len(states) * run.world} training captions")
+    return itertools.chain(held, batches)
+
+
+def train_step(args, run, cfg, train_model, model, opt, towers, batch, step, alpha):
+    """One optimizer step over --grad-accum micro-batches that really accumulate (one step, one clip). The noise of
+    each sample is a function of (seed, step, its global position), so any split over ranks and micro-batches
+    gives the same numbers. Returns (loss, lr, grad norm, loss sums and counts per t-bin)."""
+    lr = set_lr(opt, step, args)
+    if "z" in batch:  # --cache-latents: latents and text states were encoded once, no frozen tower runs here
+        z = batch["z"].to(run.device, non_blocking=True)
+    else:
+        z = towers.latents(batch["img"].to(run.device, non_blocking=True))  # (b, N, C)
+    cond = text_states(towers, batch) if cfg.cond == "text" else batch["label"].to(run.device)
+    micro = args.batch // (run.world * args.grad_accum)
+    loss_sum, bins = torch.zeros((), device=run.device), torch.zeros(2, 10, device=run.device)
+    for m in range(args.grad_accum):
+        sl = slice(m * micro, (m + 1) * micro)
+        first = run.rank * (args.batch // run.world) + m * micro  # global position of this micro-batch's first sample
+        noise = per_sample_noise(args.seed, step, range(first, first + micro), towers.shape, alpha, args.p_drop,
+                                 run.device)
+        sync = nullcontext() if not run.ddp or args.fsdp or m == args.grad_accum - 1 else train_model.no_sync()
+        with sync, run.autocast():
+            loss, per_sample, t = dit.flow_loss(train_model, z[sl], cond[sl], alpha, noise=noise)
+            (loss / args.grad_accum).backward()
+        loss_sum += loss.detach() / args.grad_accum
+        s, n = dit.loss_per_t_bin(per_sample, t)
+        bins += torch.stack([s, n])
+    run.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+    training.check_finite(run, step, loss=loss_sum)  # before the step: the weights and the last checkpoint stay good
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip if args.clip > 0 else float("inf"))
+    training.check_finite(run, step, gradient_norm=gnorm)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss_sum, lr, gnorm, bins
+
+
+def main(args):
+    if args.plan:
+        return plan(args)
+    # setup: one process (python) or one per GPU (torchrun), the same code path
+    run = training.setup(args, divides=args.grad_accum)
+    stop = training.StopSignal()
+    # the frozen models, the data, the trainable model
+    towers = FrozenTowers(args, run.device)
+    alpha = dit.shift_alpha(*towers.shape)  # from the latent shape, never hard-coded
+    train_set = training_data(args, run, towers)
+    cfg, model, ema = build_model(args, run, towers, train_set)
+    train_model = wrap(args, run, model, ema)
+    opt = make_optimizer(model, args)
+    step, epoch, consumed = resume(args, run, cfg, model, ema, opt)
+    prompts = args.prompts or ([p for p, _ in toy.toy_prompts(8)] if args.data.startswith("toy") else
                                ["a photo of a cat", "a red car on a street", "a bowl of fruit", "a mountain lake at sunrise"])
-    decoder = rae.load_decoder(args.decoder, device) if args.decoder and args.latent == "rae" else None
+    decoder = rae.load_decoder(args.decoder, run.device) if args.decoder and args.latent == "rae" else None
 
-    def sample_grid():
-        """Fixed prompts -> EMA samples -> PNG (decoded when a decoder is given). Under FSDP2 every rank runs the
-        sharded EMA forward (its all-gathers need them all); only rank 0 writes."""
-        g = torch.Generator(device).manual_seed(args.seed)
-        noise = torch.randn(len(prompts), N, C, generator=g, device=device)
-        cond = frozen.text(prompts) if cfg.cond == "text" else torch.arange(len(prompts), device=device) % cfg.num_classes
-        with autocast:
-            z = dit.sample(ema, noise, cond, alpha, steps=25, cfg=args.cfg)
-        if decoder is None or not master:
-            return
-        img = decoder(frozen.rae.unnormalize(z.float())).clamp(-1, 1)  # (B, 3, H, W)
-        data.save_image_grid(os.path.join(args.out, f"samples_{step:06d}.png"), img, prompts)
-
-    def text_states(batch):  # (b, T, Dt): cached, or from the frozen text tower
-        return batch["text"].to(device).float() if "z" in batch else frozen.text(batch["caption"])
-
-    # loop
-    micro = args.batch // (world * args.grad_accum)
-    batches = data.infinite_batches(train_set, args.batch // world, rank, world, args.seed, args.workers, epoch, consumed)
+    # the loop
+    batches = data.infinite_batches(train_set, args.batch // run.world, run.rank, run.world, args.seed, args.workers,
+                                    epoch, consumed)
+    if cfg.cond == "text" and step == 0:
+        batches = fix_text_stats(args, run, model, ema, towers, batches)
     bad = data.BadSampleCounter()
-    if cfg.cond == "text" and step == 0:  # a fresh run: fix the text standardisation (a resumed one has it saved)
-        held, states = [], []
-        while sum(len(s) for s in states) < max(1, args.text_stats // world):  # this rank's share of the captions
-            held.append(next(batches))
-            states.append(text_states(held[-1][2]))
-        states = torch.cat(states)  # (K, T, Dt)
-        model.set_text_stats(states, dist.all_reduce if ddp else None)
-        for e, b in zip(ema.buffers(), model.buffers()):  # the EMA copy takes the same statistics, computed once
-            e.copy_(b)
-        batches = itertools.chain(held, batches)  # the batches read for it are then trained on, in order
-        if master:
-            print(f"text standardisation from {len(states) * world} training captions")
-    log = open(os.path.join(args.out, "metrics.jsonl"), "a") if master else None
-    bins_sum, bins_n = torch.zeros(10, device=device), torch.zeros(10, device=device)
-    t0, seen = time.time(), 0
+    log = open(os.path.join(args.out, "metrics.jsonl"), "a") if run.master else None
+    bins = torch.zeros(2, 10, device=run.device)  # loss sums and counts per t-bin since the last log line
+    t0, seen, first = time.time(), 0, step
     # the bar only on rank 0 and only on a terminal (disable=None): a log file gets the metrics lines, not a bar
-    bar = tqdm(total=args.steps, initial=step, disable=None if master else True, dynamic_ncols=True)
-    def stopping():  # all ranks stop at the same step, even if the signal reached them at different times
-        flag = torch.tensor([stop["signal"] is not None], dtype=torch.int32, device=device)
-        if ddp:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-    while step < args.steps and not stopping():
+    bar = tqdm(total=args.steps, initial=step, disable=None if run.master else True, dynamic_ncols=True)
+    while step < args.steps and not stop.requested(run):
         epoch, consumed, batch = next(batches)
         bad.update(batch.get("bad", {}))
-        lr = set_lr(opt, step, args)
-        if "z" in batch:  # --cache-latents: latents and text states were encoded once, no frozen tower runs here
-            z = batch["z"].to(device, non_blocking=True)
-        else:
-            z = frozen.images(batch["img"].to(device, non_blocking=True))  # (b, N, C)
-        cond = text_states(batch) if cfg.cond == "text" else batch["label"].to(device)
-        loss_sum = torch.zeros((), device=device)
-        for m in range(args.grad_accum):  # gradient accumulation that really accumulates: one step, one clip
-            sl = slice(m * micro, (m + 1) * micro)
-            first = rank * (args.batch // world) + m * micro  # global position of this micro-batch's first sample
-            noise = per_sample_noise(args.seed, step, range(first, first + micro), (N, C), alpha, args.p_drop, device)
-            sync = nullcontext() if not ddp or args.fsdp or m == args.grad_accum - 1 else train_model.no_sync()
-            with sync, autocast:
-                loss, per_sample, t = dit.flow_loss(train_model, z[sl], cond[sl], alpha, noise=noise)
-                (loss / args.grad_accum).backward()
-            loss_sum += loss.detach() / args.grad_accum
-            s, n = dit.loss_per_t_bin(per_sample, t)
-            bins_sum += s
-            bins_n += n
-        if ddp:
-            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-        if not torch.isfinite(loss_sum):  # before the step: the weights and the last checkpoint stay good
-            raise SystemExit(f"step {step}: loss is {loss_sum.item()}; stopping without saving (last good: {ckpt_path})")
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip if args.clip > 0 else float("inf"))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for e, p in zip(ema.parameters(), model.parameters()):
-                e.lerp_(p, 1 - args.ema)
+        if step == first and "img" in batch:  # where the data enters: once, not in every forward (a device sync)
+            rae.check_pixels(batch["img"], f"--data {args.data}")
+        loss, lr, gnorm, step_bins = train_step(args, run, cfg, train_model, model, opt, towers, batch, step, alpha)
+        bins += step_bins
+        training.ema_update(ema, model, args.ema)
         step += 1
         seen += args.batch
-        bar.set_postfix(loss=f"{loss_sum.item():.4f}", refresh=False)
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         bar.update()
-
         if step % args.log_every == 0 or step == args.steps:
-            if ddp:
-                dist.all_reduce(bins_sum)
-                dist.all_reduce(bins_n)
-            if master:
+            run.all_reduce(bins)
+            if run.master:
                 dt = time.time() - t0
-                rec = dict(step=step, loss=loss_sum.item(), lr=lr, grad_norm=float(gnorm), samples_per_s=seen / dt,
+                rec = dict(step=step, loss=loss.item(), lr=lr, grad_norm=float(gnorm), samples_per_s=seen / dt,
                            flops_per_s=dit.flops(cfg) * seen / dt, bad_samples=bad.total(),
-                           loss_per_t_bin=[round(v, 4) for v in (bins_sum / bins_n.clamp_min(1)).tolist()])
+                           loss_per_t_bin=[round(v, 4) for v in (bins[0] / bins[1].clamp_min(1)).tolist()])
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
                 tqdm.write(f"step {step} loss {rec['loss']:.4f} lr {lr:.3g} grad {rec['grad_norm']:.3g} "
                            f"{rec['samples_per_s']:.1f} samples/s")  # above the bar, which stays at the bottom
                 sys.stdout.flush()  # tqdm.write does not: a cluster's log file would get these lines in bursts
-            bins_sum.zero_()
-            bins_n.zero_()
+            bins.zero_()
             t0, seen = time.time(), 0
         if step % args.save_every == 0 or step == args.steps:
-            save()
-        if args.sample_every and step % args.sample_every == 0 and (master or args.fsdp):
-            sample_grid()
+            save(args, run, cfg, model, ema, opt, alpha, step, epoch, consumed)
+        if args.sample_every and step % args.sample_every == 0 and (run.master or args.fsdp):
+            sample_grid(args, run, towers, cfg, ema, alpha, decoder, prompts, step)
 
+    # the end: a signal saves where it stopped
     bar.close()
-    if step < args.steps:  # stopped by a signal (on this rank or another)
-        save()
-        if master:
-            print(f"stop signal: saved step {step} to {ckpt_path}; rerun with --resume to continue")
-    if master and bad.total():
+    if step < args.steps:
+        save(args, run, cfg, model, ema, opt, alpha, step, epoch, consumed)
+        if run.master:
+            print(f"stop signal: saved step {step} to {run.ckpt_path}; rerun with --resume to continue")
+    if run.master and bad.total():
         print(f"skipped bad samples: {bad}")
-    if ddp:
+    if run.ddp:
         dist.destroy_process_group()
 
 

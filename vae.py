@@ -6,9 +6,9 @@ single-head attention at the lowest resolution, then the mean and log-variance o
 resolution. The decoder mirrors it. GroupNorm (32 groups, eps 1e-6) and swish throughout. Module and tensor names
 follow BFL's keys, so `ae.safetensors` loads with no renaming; diffusers' `vae/` folders load through a key map.
 Conventions: `img` (B, 3, H, W) in [-1, 1] with H and W multiples of 8; latent z = 0.3611 * (mu - 0.1159),
-(B, 16, H/8, W/8); `patchify` packs 2x2 latent patches into DiT tokens (B, (H/16)(W/16), 64) exactly as FLUX does.
+(B, 16, H/8, W/8); `pack` packs 2x2 latent patches into DiT tokens (B, (H/16)(W/16), 64) exactly as FLUX does.
 
-    python vae.py    # smoke test: write a tiny random checkpoint, load it, encode, decode, patchify (CPU, seconds)
+    python vae.py    # smoke test: write a tiny random checkpoint, load it, encode, decode, pack (CPU, seconds)
 """
 import json
 import os
@@ -38,10 +38,10 @@ class VAEConfig:
 
 
 # ----------------------------------------------------------------------------- latent <-> DiT tokens
-def patchify(z):
+def pack(z):
     """(B, C, h, w) latent -> (B, (h/2)(w/2), 4C) tokens, row-major; feature c*4 + ph*2 + pw (the FLUX packing)."""
     if z.ndim != 4 or z.shape[2] % 2 or z.shape[3] % 2:
-        raise ValueError(f"patchify: expected a latent (B, C, h, w) with even h and w (image sides multiples of 16), "
+        raise ValueError(f"pack: expected a latent (B, C, h, w) with even h and w (image sides multiples of 16), "
                          f"got shape {tuple(z.shape)}")
     B, C, h, w = z.shape
     z = z.reshape(B, C, h // 2, 2, w // 2, 2)  # (B, C, h/2, ph, w/2, pw)
@@ -49,10 +49,10 @@ def patchify(z):
     return z.reshape(B, (h // 2) * (w // 2), C * 4)  # (B, N, 4C)
 
 
-def unpatchify(tokens, h, w):
-    """Inverse of patchify: (B, (h/2)(w/2), 4C) tokens -> (B, C, h, w) latent."""
+def unpack(tokens, h, w):
+    """Inverse of pack: (B, (h/2)(w/2), 4C) tokens -> (B, C, h, w) latent."""
     if tokens.ndim != 3 or h % 2 or w % 2 or tokens.shape[1] != (h // 2) * (w // 2) or tokens.shape[2] % 4:
-        raise ValueError(f"unpatchify: expected tokens (B, {(h // 2) * (w // 2)}, 4C) for an even latent size "
+        raise ValueError(f"unpack: expected tokens (B, {(h // 2) * (w // 2)}, 4C) for an even latent size "
                          f"h={h}, w={w}, got shape {tuple(tokens.shape)}")
     B, _, D = tokens.shape
     z = tokens.reshape(B, h // 2, w // 2, D // 4, 2, 2)  # (B, h/2, w/2, C, ph, pw)
@@ -391,7 +391,7 @@ if __name__ == "__main__":
     img = torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(0)) * 2 - 1  # (B, 3, H, W) in [-1, 1]
     with torch.no_grad():
         z = vae.encode(img)  # (B, 16, 8, 12)
-        tokens = patchify(z)  # (B, 24, 64)
-        rec = vae.decode(unpatchify(tokens, *z.shape[2:]))  # (B, 3, 64, 96)
+        tokens = pack(z)  # (B, 24, 64)
+        rec = vae.decode(unpack(tokens, *z.shape[2:]))  # (B, 3, 64, 96)
     print(f"img {tuple(img.shape)} -> z {tuple(z.shape)} (std {z.std():.3f}) -> tokens {tuple(tokens.shape)} "
           f"-> img {tuple(rec.shape)}")
