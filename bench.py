@@ -113,37 +113,13 @@ def bench_tokenizer(args):
 # ----------------------------------------------------------------------------- dit: training step
 
 
-def bench_dit(args):
-    """One fp32 training step (forward + backward + AdamW) of DiT-S in text mode (Scale-RAE's per-token adaLN) on
-    N = 256 tokens x C = 1152 channels, batch 8: step time, analytic FLOPs, achieved FLOP/s, and the FLOP/s of plain
-    torch.matmul over exactly the matmul shapes the step runs (recorded by a dispatch mode), in the same process."""
+def matmul_shapes():
+    """A dispatch mode that counts the (batch, M, K, N) of every matmul it sees: CPU flash attention counts as its
+    QK^T and PV products (2 of them forward, 4 backward: dV, dP, dQ, dK), as FLOP counters do."""
     from torch.utils._python_dispatch import TorchDispatchMode
-
-    from dit import PRESETS, DiT, DiTConfig, flops, flow_loss, shift_alpha
-
     aten = torch.ops.aten
-    cfg, B = DiTConfig(**{**PRESETS["DiT-S"], "cond": "text"}), 8
-    torch.manual_seed(0)
-    model = DiT(cfg)
-    # fused: one kernel over all parameters; the default per-parameter loop costs more than a fifth of this step on CPU
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
-    z = torch.randn(B, cfg.num_tokens, cfg.in_channels)
-    text = torch.randn(B, cfg.text_len, cfg.text_dim)
-    alpha = shift_alpha(cfg.num_tokens, cfg.in_channels)
-
-    # --compile: inductor fuses the elementwise work around the matmuls (adaLN modulate, RoPE, SwiGLU, norms)
-    train_model = torch.compile(model) if args.compile else model
-
-    def step():
-        loss, _, _ = flow_loss(train_model, z, text, alpha)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
 
     class MatmulShapes(TorchDispatchMode):
-        """Counts the (batch, M, K, N) of every matmul; CPU flash attention counts as its QK^T and PV products
-        (2 of them forward, 4 backward: dV, dP, dQ, dK), as FLOP counters do."""
-
         def __init__(self):
             super().__init__()
             self.shapes = {}
@@ -167,8 +143,35 @@ def bench_dit(args):
                 self.add((b * h, n, n, d), 1 if fwd else 2)  # PV, (dV, dQ, dK share this size)
             return func(*args, **(kwargs or {}))
 
+    return MatmulShapes()
+
+
+def bench_dit(args):
+    """One fp32 training step (forward + backward + AdamW) of DiT-S in text mode (Scale-RAE's per-token adaLN) on
+    N = 256 tokens x C = 1152 channels, batch 8: step time, analytic FLOPs, achieved FLOP/s, and the FLOP/s of plain
+    torch.matmul over exactly the matmul shapes the step runs (recorded by a dispatch mode), in the same process."""
+    from dit import PRESETS, DiT, DiTConfig, flops, flow_loss, shift_alpha
+
+    cfg, B = DiTConfig(**{**PRESETS["DiT-S"], "cond": "text"}), 8
+    torch.manual_seed(0)
+    model = DiT(cfg)
+    # fused: one kernel over all parameters; the default per-parameter loop costs more than a fifth of this step on CPU
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
+    z = torch.randn(B, cfg.num_tokens, cfg.in_channels)
+    text = torch.randn(B, cfg.text_len, cfg.text_dim)
+    alpha = shift_alpha(cfg.num_tokens, cfg.in_channels)
+
+    # --compile: inductor fuses the elementwise work around the matmuls (adaLN modulate, RoPE, SwiGLU, norms)
+    train_model = torch.compile(model) if args.compile else model
+
+    def step():
+        loss, _, _ = flow_loss(train_model, z, text, alpha)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
     step()  # warm-up (allocator, AdamW state; compilation with --compile)
-    with MatmulShapes() as rec:  # on the eager model: compiled kernels run below the dispatcher
+    with matmul_shapes() as rec:  # on the eager model: compiled kernels run below the dispatcher
         loss, _, _ = flow_loss(model, z, text, alpha)
         loss.backward()
         opt.zero_grad(set_to_none=True)

@@ -19,8 +19,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
-
 import ckpt
 
 
@@ -430,13 +428,13 @@ def loss_per_t_bin(per_sample_loss, t, bins=10):
 # ----------------------------------------------------------------------------- sampler
 @torch.no_grad()
 def sample(model, noise, cond, alpha, steps=50, method="euler", guidance=1.0, guidance_interval=(0.0, 1.0),
-           progress=False, eta=1.0, generator=None):
+           progress=None, eta=1.0, generator=None):
     """Integrate dx/dt = v(x, t) from t = 1 (noise (B, N, C)) to t = 0 on the shifted grid
     time_shift(linspace(1, 0, steps + 1), alpha), with Euler (steps NFEs) or Heun (2 * steps NFEs).
     Classifier-free guidance: v = v_u + guidance * (v_c - v_u) where t is in guidance_interval (conditional only
     elsewhere), cond and uncond batched in one forward. Only model(x, t, cond, drop) is called, so any wrapper (DDP,
     FSDP, compile) works; the price is that the text connector reruns at every step (a few blocks next to the
-    trunk's depth).
+    trunk's depth). progress: None, or a wrapper of the step range that shows progress (e.g. tqdm.tqdm).
     "stochastic": each step splits x_t into the model's clean estimate x0 = x - t v and noise estimate e = x + (1 - t) v,
     and steps to x_s = (1 - s) x0 + s (sqrt(1 - eta^2) e + eta xi) with fresh noise xi (B, N, C) from `generator`:
     one torch.Generator, or a list of B (row b's noise from generator[b], so a sample does not depend on its batch).
@@ -463,7 +461,7 @@ def sample(model, noise, cond, alpha, steps=50, method="euler", guidance=1.0, gu
         return v_u + guidance * (v_c - v_u)
 
     x = noise
-    for i in tqdm(range(steps), disable=not progress, desc="sampling"):
+    for i in progress(range(steps)) if progress else range(steps):
         t, t_next = ts[i], ts[i + 1]
         v = velocity(x, t)
         if method == "euler":

@@ -378,61 +378,47 @@ def load_latent_stats(path, channels, tokens=None):
 
 
 # ----------------------------------------------------------------------------- loading SigLIP-2 from a HF snapshot
-# The explicit HF -> ours key map. Our blocks fuse q/k/v into one `attn.qkv`: (pattern, ours, qkv slot).
-_BLOCK_MAP = [("layer_norm1.", "norm1.", None), ("layer_norm2.", "norm2.", None),
-              ("self_attn.q_proj.", "attn.qkv.", 0), ("self_attn.k_proj.", "attn.qkv.", 1),
-              ("self_attn.v_proj.", "attn.qkv.", 2), ("self_attn.out_proj.", "attn.proj.", None),
-              ("mlp.fc1.", "mlp.fc1.", None), ("mlp.fc2.", "mlp.fc2.", None)]
-_SIGLIP_MAP = [("vision_model.embeddings.patch_embedding.", "vision.patch_embed."),
-               ("vision_model.embeddings.position_embedding.weight", "vision.pos_embed"),
-               ("vision_model.encoder.layers.", "vision.blocks."),
-               ("vision_model.post_layernorm.", "vision.post_norm."),
-               ("vision_model.head.probe", "vision.head.probe"),
-               ("vision_model.head.attention.in_proj_weight", "vision.head.attn_in.weight"),
-               ("vision_model.head.attention.in_proj_bias", "vision.head.attn_in.bias"),
-               ("vision_model.head.attention.out_proj.", "vision.head.attn_out."),
-               ("vision_model.head.layernorm.", "vision.head.norm."),
-               ("vision_model.head.mlp.", "vision.head.mlp."),
-               ("text_model.embeddings.token_embedding.", "text.token_embed."),
-               ("text_model.embeddings.position_embedding.weight", "text.pos_embed"),
-               ("text_model.encoder.layers.", "text.blocks."),
-               ("text_model.final_layer_norm.", "text.final_norm."),
-               ("text_model.head.", "text.head."),
-               ("logit_scale", "logit_scale"), ("logit_bias", "logit_bias")]
+# HF SigLIP key fragments -> ours, replaced in this order (ours_to_hf runs it backwards). Our attention fuses HF's
+# q_proj / k_proj / v_proj into one `attn.qkv` (one matmul instead of three): see fuse_qkv.
+SIGLIP_KEYS = [("embeddings.patch_embedding.", "patch_embed."), ("embeddings.position_embedding.weight", "pos_embed"),
+               ("embeddings.token_embedding.", "token_embed."), ("vision_model.", "vision."), ("text_model.", "text."),
+               ("encoder.layers.", "blocks."), ("layer_norm1.", "norm1."), ("layer_norm2.", "norm2."),
+               ("self_attn.out_proj.", "attn.proj."), ("self_attn.q_proj.", "attn.q."), ("self_attn.k_proj.", "attn.k."),
+               ("self_attn.v_proj.", "attn.v."), ("post_layernorm.", "post_norm."), ("final_layer_norm.", "final_norm."),
+               ("head.attention.in_proj_", "head.attn_in."), ("head.attention.out_proj.", "head.attn_out."),
+               ("head.layernorm.", "head.norm.")]
+
+
+def fuse_qkv(state):
+    """'...attn.q.weight', '...attn.k.weight', '...attn.v.weight' (and biases) -> one '...attn.qkv.weight', rows
+    q | k | v, as our Attention's fused Linear holds them."""
+    out, parts = {}, {}
+    for key, t in state.items():
+        m = re.fullmatch(r"(.*)attn\.([qkv])\.(weight|bias)", key)
+        if m:
+            parts.setdefault(f"{m[1]}attn.qkv.{m[3]}", [None] * 3)["qkv".index(m[2])] = t
+        else:
+            out[key] = t
+    return {**out, **{k: torch.cat(p) for k, p in parts.items()}}
 
 
 def hf_to_ours(key):
-    """HF SigLIP key -> (our key, qkv slot or None), or None for a key we do not know."""
-    for hf, ours in _SIGLIP_MAP:
-        if key.startswith(hf):
-            rest = key[len(hf):]
-            if hf.endswith("layers."):  # "{i}.{block key}"
-                i, _, sub = rest.partition(".")
-                for hb, ob, slot in _BLOCK_MAP:
-                    if sub.startswith(hb):
-                        return f"{ours}{i}.{ob}{sub[len(hb):]}", slot
-                return None
-            return ours + rest, None
-    return None
+    for hf, ours in SIGLIP_KEYS:
+        key = key.replace(hf, ours)
+    return key
 
 
 def ours_to_hf(state):
-    """Our state dict -> HF SigLIP keys and layout (q/k/v split again)."""
+    """Our state dict -> HF SigLIP key names and layout (q, k, v split again)."""
     out = {}
     for key, t in state.items():
-        for hf, ours in _SIGLIP_MAP:
-            if key.startswith(ours):
-                rest = key[len(ours):]
-                if ours.endswith("blocks."):
-                    i, _, sub = rest.partition(".")
-                    for hb, ob, slot in _BLOCK_MAP:
-                        if sub.startswith(ob) and (slot is None) == (ob != "attn.qkv."):
-                            name = f"{hf}{i}.{hb}{sub[len(ob):]}"
-                            out[name] = t if slot is None else t.chunk(3)[slot]
-                else:
-                    out[hf + rest] = t
-                break
-    return {k: v.contiguous() for k, v in out.items()}
+        split = zip("qkv", t.chunk(3)) if ".attn.qkv." in key else [(None, t)]
+        for n, part in split:
+            name = key.replace("attn.qkv.", f"attn.{n}.") if n else key
+            for hf, ours in reversed(SIGLIP_KEYS):
+                name = name.replace(ours, hf)
+            out[name] = part.contiguous()
+    return out
 
 
 def read_siglip_config(path):
@@ -490,14 +476,7 @@ def load_siglip2(path, device=None, dtype=None, text=True):
           if not k.endswith("position_ids")}  # a non-persistent HF buffer that some old exports hold
     where = files[0] if len(files) == 1 else os.path.join(path, "model.safetensors.index.json")
     ckpt.report(where, ckpt.state_problems(hf, expected), " (config.json sets the expected shapes)")
-    state, qkv = {}, {}
-    for key, t in hf.items():
-        ours, slot = hf_to_ours(key)
-        if slot is None:
-            state[ours] = t
-        else:  # q, k, v of one attention, concatenated into our fused qkv below
-            qkv.setdefault(ours, [None] * 3)[slot] = t
-    state.update({ours: torch.cat(parts) for ours, parts in qkv.items()})
+    state = fuse_qkv({hf_to_ours(k): t for k, t in hf.items()})
     if not text:
         state.update(logit_scale=torch.zeros(1), logit_bias=torch.zeros(1))
     dtype = dtype or torch.float32
@@ -541,33 +520,27 @@ def load_decoder(path, device=None):
     return dec.to(device).eval()
 
 
-# Released RAE decoders (official .pt state dicts and diffusers AutoencoderRAE files) -> our names.
-_DECODER_IMPORT = [("decoder.", ""), ("decoder_embed.", "embed."), ("trainable_cls_token", "cls_token"),
-                   ("decoder_norm.", "norm."), ("decoder_pred.", "pred."), ("decoder_layers.", "blocks."),
-                   ("layernorm_before.", "norm1."), ("layernorm_after.", "norm2."),
-                   ("attention.attention.query.", "attn.q."), ("attention.attention.key.", "attn.k."),
-                   ("attention.attention.value.", "attn.v."), ("attention.output.dense.", "attn.proj."),
-                   ("attention.to_q.", "attn.q."), ("attention.to_k.", "attn.k."), ("attention.to_v.", "attn.v."),
-                   ("attention.to_out.0.", "attn.proj."), ("intermediate.dense.", "mlp.fc1."),
-                   ("output.dense.", "mlp.fc2.")]
+# Released RAE decoders (official .pt state dicts and diffusers AutoencoderRAE files) -> our names, in this order.
+DECODER_KEYS = [("decoder_embed.", "embed."), ("trainable_cls_token", "cls_token"), ("decoder_norm.", "norm."),
+                ("decoder_pred.", "pred."), ("decoder_layers.", "blocks."), ("layernorm_before.", "norm1."),
+                ("layernorm_after.", "norm2."), ("attention.attention.query.", "attn.q."),
+                ("attention.attention.key.", "attn.k."), ("attention.attention.value.", "attn.v."),
+                ("attention.output.dense.", "attn.proj."), ("attention.to_q.", "attn.q."), ("attention.to_k.", "attn.k."),
+                ("attention.to_v.", "attn.v."), ("attention.to_out.0.", "attn.proj."), ("intermediate.dense.", "mlp.fc1."),
+                ("output.dense.", "mlp.fc2.")]
 
 
 def import_rae_decoder(state):
     """Official RAE / diffusers AutoencoderRAE decoder keys -> our Decoder state dict (q/k/v fused)."""
-    out, parts = {}, {}
+    out = {}
     for key, t in state.items():
         if key.endswith("decoder_pos_embed") or key.startswith("encoder"):
             continue  # fixed sin-cos table (we recompute it) and encoder weights (we load SigLIP separately)
-        new = key[len("decoder."):] if key.startswith("decoder.") else key
-        for a, b in _DECODER_IMPORT[1:]:
-            new = new.replace(a, b)
-        m = re.match(r"(.*)attn\.([qkv])\.(weight|bias)$", new)
-        if m:
-            parts.setdefault(f"{m[1]}attn.qkv.{m[3]}", {})["qkv".index(m[2])] = t
-        else:
-            out[new] = t
-    out.update({k: torch.cat([p[i] for i in range(3)]) for k, p in parts.items()})
-    return out
+        key = key.removeprefix("decoder.")
+        for theirs, ours in DECODER_KEYS:
+            key = key.replace(theirs, ours)
+        out[key] = t
+    return fuse_qkv(out)
 
 
 # ----------------------------------------------------------------------------- command line and smoke test

@@ -11,6 +11,7 @@ image-text logit computed on the generated latent itself (no decoding: generated
 space), and, for toy-world prompts, the toy GenEval accuracies.
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -20,6 +21,7 @@ import time
 from contextlib import nullcontext
 
 import torch
+from tqdm import tqdm
 
 import ckpt
 import data
@@ -84,7 +86,8 @@ def generate(model, siglip, prompts, alpha, seed=0, steps=50, sampler="euler", g
         with autocast:
             cond = siglip.text(siglip.tokenizer(chunk).to(device)).float()  # (b, 64, Dt) text states
             out.append(dit.sample(model, noise[i:i + len(chunk)], cond, alpha, steps=steps, method=sampler,
-                                  guidance=guidance, guidance_interval=tuple(guidance_interval), progress=progress,
+                                  guidance=guidance, guidance_interval=tuple(guidance_interval),
+                                  progress=functools.partial(tqdm, desc="sampling") if progress else None,
                                   eta=eta, generator=gens[i:i + len(chunk)]).float())
     return torch.cat(out)
 

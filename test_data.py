@@ -1,9 +1,9 @@
-"""Tests for data.py: the toy world and its scorer, preprocessing, every bad-file case, the readers, and the tar
-shard split over ranks x workers. CPU, no network: python -m pytest -q test_data.py"""
+"""Tests for data.py: preprocessing, every bad-file case, the readers (images and captions, class folders, tar
+shards), the tar shard split over ranks x workers, infinite_batches and save_image_grid. (The toy world, its scorer
+and the toy encoder: test_toy.py.) CPU, no network: python -m pytest -q test_data.py"""
 import io
 import json
 import os
-import re
 import struct
 import tarfile
 import zlib
@@ -15,6 +15,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import data
+import toy
 
 
 def encode(im, fmt, **kw):
@@ -47,127 +48,11 @@ def read_one(tmp_path, image_bytes, caption=b"a photo", name="x.jpg", size=32):
     return sample, data.BAD.drain()
 
 
-# ----------------------------------------------------------------------------- toy world
-def test_toy_same_seed_and_index_same_pixels():
-    a, b = data.ToyWorld(64, seed=3)[7], data.ToyWorld(64, seed=3)[7]
-    assert torch.equal(a["img"], b["img"]) and a["caption"] == b["caption"] and a["attrs"] == b["attrs"]
-    assert not torch.equal(a["img"], data.ToyWorld(64, seed=4)[7]["img"])
-    assert not torch.equal(a["img"], data.ToyWorld(64, seed=3)[8]["img"])
-    assert a["img"].shape == (3, 64, 64) and a["img"].dtype == torch.float32
-    assert a["img"].min() >= -1 and a["img"].max() <= 1
-
-
-def test_toy_same_scene_at_every_resolution():
-    for i in range(6):
-        small, big = data.ToyWorld(48)[i], data.ToyWorld(144)[i]
-        assert small["caption"] == big["caption"] and small["attrs"] == big["attrs"]
-        down = torch.nn.functional.interpolate(big["img"][None], size=48, mode="area")[0]
-        assert (down - small["img"]).abs().mean() < 0.03
-
-
-def parse_caption(caption):
-    """An independent reading of a toy caption back into attrs (regexes, not the generator's tables)."""
-    m = re.fullmatch(r'(?:the word "(\w+)"(?: written)? in (\w+)|"(\w+)" in (\w+) letters)', caption)
-    if m:
-        word, color = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
-        return {"word": word, "color": color}
-    caption = re.sub(r"^a (picture|drawing) of ", "", caption)
-    objs = [re.fullmatch(r"an? (\w+) (\w+) (?:on|at|in) the (\w+)", part) for part in caption.split(" and ")]
-    return {"objects": sorted(({"color": o[1], "shape": o[2], "position": o[3]} for o in objs),
-                              key=lambda o: o["position"])}
-
-
-def test_toy_caption_matches_attrs():
-    prompts = data.toy_prompts(500, seed=1)
-    for caption, attrs in prompts:
-        parsed = parse_caption(caption)
-        if "objects" in attrs:
-            attrs = {"objects": sorted(attrs["objects"], key=lambda o: o["position"])}
-        assert parsed == attrs, caption
-        for o in attrs.get("objects", []):  # articles read right: "an orange", "a red"
-            assert f"{'an' if o['color'][0] in 'aeiou' else 'a'} {o['color']} {o['shape']}" in caption
-    pairs = [a["objects"] for _, a in prompts if len(a.get("objects", [])) == 2]
-    assert all({o["position"] for o in p} in ({"left", "right"}, {"top", "bottom"}) for p in pairs)
-    assert all(p[0]["color"] != p[1]["color"] for p in pairs)  # the scorer groups pixels by colour
-    objects = [o for _, a in prompts for o in a.get("objects", [])]
-    assert {o["color"] for o in objects} == set(data.COLORS) and len(data.COLORS) >= 6
-    assert {o["shape"] for o in objects} == set(data.SHAPES) and len(data.SHAPES) >= 4
-    assert {o["position"] for o in objects} == {"left", "right", "top", "bottom", "center"}
-    kinds = [("word" in a) + len(a.get("objects", [])) * 10 for _, a in prompts]
-    assert 0.1 < kinds.count(1) / 500 < 0.3 and 0.25 < kinds.count(20) / 500 < 0.45  # words, pairs
-
-
-def test_toy_vocab_covers_every_caption():
-    vocab = set(data.toy_vocab())
-    assert all(w == w.lower() for w in vocab)
-    for caption, _ in data.toy_prompts(1000, seed=2):
-        words = caption.replace('"', ' " ').split()
-        assert set(words) <= vocab, caption
-
-
-def test_toy_prompts_are_the_test_split():
-    test, train = data.ToyWorld(32, split="test"), data.ToyWorld(32)
-    prompts = data.toy_prompts(20)
-    assert [(test[i]["caption"], test[i]["attrs"]) for i in range(20)] == prompts
-    assert sum(train[i]["caption"] == prompts[i][0] for i in range(20)) < 5
-
-
-# ----------------------------------------------------------------------------- toy scorer
-def toy_batch(n, size, seed=0):
-    ds = data.ToyWorld(size, seed=seed)
-    samples = [ds[i] for i in range(n)]
-    return torch.stack([s["img"] for s in samples]), [s["attrs"] for s in samples]
-
-
-@pytest.mark.parametrize("size", [64, 224])
-def test_score_own_images_near_100(size):
-    images, attrs = toy_batch(120, size)
-    s = data.score_toy(images, attrs)
-    assert s["n"] == 120
-    for key in ("color_acc", "shape_acc", "position_acc", "text_acc"):
-        assert s[key] >= 0.95, s
-
-
-def test_score_wrong_images_near_chance():
-    # chance: colour 1/8, shape 1/5, position 1/5 (one object) to 1/2 (pairs), text 1/16
-    images, attrs = toy_batch(160, 64)
-    wrong = {"shuffled attrs": (images, attrs[1:] + attrs[:1]),
-             "noise": (torch.rand(images.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1, attrs),
-             "blank": (torch.ones_like(images), attrs)}
-    for name, (x, a) in wrong.items():
-        s = data.score_toy(x, a)
-        assert s["color_acc"] < 0.3 and s["shape_acc"] < 0.4 and s["position_acc"] < 0.4, (name, s)
-        assert s["text_acc"] < 0.3, (name, s)
-
-
-def test_score_accepts_pil_images():
-    images, attrs = toy_batch(12, 64)
-    pil = [Image.fromarray(((x + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()) for x in images]
-    assert data.score_toy(pil, attrs) == data.score_toy(images, attrs)
-
-
 # ----------------------------------------------------------------------------- flip and left/right
 def test_swap_left_right():
     assert data.swap_left_right("a red circle on the left and a blue square on the right") == \
         "a red circle on the right and a blue square on the left"
     assert data.swap_left_right("Left of the LEFT sign, bright lefty") == "Right of the RIGHT sign, bright lefty"
-
-
-def test_mirrored_toy_image_needs_the_swapped_caption():
-    images, attrs = toy_batch(80, 64)
-    keep = [i for i, a in enumerate(attrs) if "objects" in a and a["objects"][0]["position"] in ("left", "right")]
-    images, attrs = images[keep].flip(-1), [attrs[i] for i in keep]
-    swap = {"left": "right", "right": "left"}
-    swapped = [{"objects": [{**o, "position": swap.get(o["position"], o["position"])} for o in a["objects"]]}
-               for a in attrs]
-    assert data.score_toy(images, swapped)["position_acc"] >= 0.95
-    assert data.score_toy(images, attrs)["position_acc"] <= 0.05
-
-
-def test_toy_world_is_never_flipped():
-    ds = data.build_dataset("toy", size=32, flip=True)
-    for i in range(10):
-        assert torch.equal(ds[i]["img"], data.ToyWorld(32)[i]["img"])
 
 
 def test_reader_flip_mirrors_image_and_caption(tmp_path):
@@ -396,12 +281,20 @@ def test_class_folders(tmp_path):
     assert batch["img"].shape == (4, 3, 32, 32) and batch["bad"] == {}
 
 
-def test_build_dataset_picks_the_reader(tmp_path):
-    assert data.build_dataset("toy", 32).seed == 0 and data.build_dataset("toy:5", 32).seed == 5
+def test_build_dataset_picks_the_reader(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for spec in ("toy", "toy:5"):  # the toy world is toy.dataset's: here 'toy' is just a (missing) shard name
+        with pytest.raises(ValueError, match=f"^{spec}: no such file"):
+            data.build_dataset(spec, 32)
     (tmp_path / "caps" / "sub").mkdir(parents=True)
     (tmp_path / "caps" / "sub" / "a.jpg").write_bytes(encode(photo(), "JPEG"))
     (tmp_path / "caps" / "sub" / "a.txt").write_text("a thing")
     assert isinstance(data.build_dataset(str(tmp_path / "caps"), 32), data.ImageCaptionFolder)
+    (tmp_path / "caps" / "sub" / "b.jpg").write_bytes(encode(photo(), "JPEG"))
+    (tmp_path / "caps" / "sub" / "b.txt").write_text("another thing")
+    caps = str(tmp_path / "caps")
+    full, limited = data.build_dataset(caps, 32), data.build_dataset(caps, 32, limit=1)
+    assert len(full) == 2 and len(limited) == 1 and limited[0]["caption"] == full[0]["caption"]  # the first n
     write_shards(tmp_path, 3, 2)
     for spec in (str(tmp_path / "shard-*.tar"), str(tmp_path / "shard-{00..02}.tar"),
                  f"{tmp_path}/shard-00.tar,{tmp_path}/shard-01.tar,{tmp_path}/shard-02.tar"):
@@ -410,6 +303,8 @@ def test_build_dataset_picks_the_reader(tmp_path):
         assert sorted(s["caption"] for s in ds) == sorted(f"sample {s} {i}" for s in range(3) for i in range(2))
     with pytest.raises(ValueError, match="no tar shards"):
         data.build_dataset(str(tmp_path / "nothing-*.tar"), 32)
+    with pytest.raises(ValueError, match="shard-00.tar.*a sample limit works on toy and folder datasets"):
+        data.build_dataset(f"{tmp_path}/shard-00.tar", 32, limit=2)  # a stream has no "first n"
 
 
 # ----------------------------------------------------------------------------- tar shards
@@ -487,67 +382,9 @@ def test_tar_missing_shard_is_an_error_at_start_and_skipped_later(tmp_path):
     assert data.BAD.drain() == {"unreadable shard": 1}
 
 
-# ----------------------------------------------------------------------------- toy_truth, the toy encoder
-def test_toy_truth_inverts_toy_captions():
-    by_position = lambda a: {"objects": sorted(a["objects"], key=lambda o: o["position"])} if "objects" in a else a
-    prompts = data.toy_prompts(300, seed=5)
-    truth = data.toy_truth([c.upper() for c, _ in prompts])  # typed-in prompts: case and spacing do not matter
-    assert [by_position(t) for t in truth] == [by_position(a) for _, a in prompts]
-    assert data.toy_truth(["a red circle on the left", "a photo of a dog"]) is None
-    assert data.toy_truth(['the word "zebra" in red']) is None  # not a toy word: the scorer could not read it
-
-
-def test_toy_encoder_written_once_in_hf_format_and_loaded(tmp_path):
-    path = str(tmp_path / "toy_encoder")
-    model = data.toy_encoder(path)
-    assert sorted(os.listdir(path)) == ["config.json", "model.safetensors", "tokenizer.json"]
-    mtime = os.path.getmtime(os.path.join(path, "model.safetensors"))
-    again = data.toy_encoder(path)  # loads, does not rewrite
-    assert os.path.getmtime(os.path.join(path, "model.safetensors")) == mtime
-    captions = [c for c, _ in data.toy_prompts(200)]
-    ids = model.tokenizer(captions)
-    assert ids.shape == (200, 64)
-    unk, byte_fallback = 3, set(range(5, 5 + 256))
-    assert not (ids == unk).any() and not set(ids.unique().tolist()) & byte_fallback
-    assert all(model.tokenizer.decode(model.tokenizer.encode(c)) == c for c in captions)
-    assert all(len(model.tokenizer.encode(" " + w)) == 1 for w in data.toy_vocab())  # one token per word
-    img = torch.stack([data.ToyWorld(112)[i]["img"] for i in range(2)])
-    with torch.no_grad():
-        z, t = model.vision(img), model.text(ids[:2])
-        assert z.shape == (2, 64, data.TOY_VISION["hidden_size"]) and t.shape == (2, 64, data.TOY_TEXT["hidden_size"])
-        assert torch.equal(z, again.vision(img))  # fixed weights
-    with pytest.raises(ValueError, match="112 px"):
-        data.toy_encoder(path, size=224)
-
-
-def test_toy_text_tower_gives_each_word_the_words_just_before_it(tmp_path):
-    model = data.toy_encoder(str(tmp_path / "toy_encoder"))
-    base = "a drawing of a red circle on the left"  # "left" is token 8 (0-based)
-    def left_state(caption):
-        ids = model.tokenizer([caption])
-        with torch.no_grad():
-            return model.text(ids)[0, 8]
-    ref = left_state(base)
-    moved = lambda caption: ((left_state(caption) - ref).norm() / ref.norm()).item()
-    assert moved("a drawing of a blue circle on the left") > 0.1  # the colour, 4 places back: 24%
-    assert moved("a drawing of a red star on the left") > 0.1  # the shape, 3 places back: 27%
-    assert moved("a picture of a red circle on the left") < 0.02  # 7 places back, outside the window: 0.6%
-    # the toy DiT reads the first 24 text states (dit.PRESETS["toy"]["text_len"]): every toy caption fits, with EOS
-    import dit
-    longest = max(len(model.tokenizer.encode(c.lower())) + 1 for c, _ in data.toy_prompts(2000))
-    assert longest == 17 <= dit.PRESETS["toy"]["text_len"]
-    with open(tmp_path / "toy_encoder" / "config.json") as f:
-        config = json.load(f)
-    del config["toy_text_window"]  # a folder written before the window: refused, not silently used
-    with open(tmp_path / "toy_encoder" / "config.json", "w") as f:
-        json.dump(config, f)
-    with pytest.raises(ValueError, match="older toy encoder"):
-        data.toy_encoder(str(tmp_path / "toy_encoder"))
-
-
 # ----------------------------------------------------------------------------- for the training loop
 def test_infinite_batches_split_ranks_and_resume_exactly():
-    ds = data.ToyWorld(16, length=50)
+    ds = toy.ToyWorld(16, length=50)
     take = lambda it, n: [next(it) for _ in range(n)]
     ranks = [take(data.infinite_batches(ds, 8, rank=r, world_size=2, seed=3), 3) for r in range(2)]
     seen = [x.numpy().tobytes() for r in ranks for _, _, b in r for x in b["img"]]  # captions can repeat, pixels not
@@ -575,7 +412,7 @@ def test_infinite_batches_refill_bad_samples_and_fail_when_all_bad(tmp_path):
 
 
 def test_save_image_grid(tmp_path):
-    img = torch.stack([data.ToyWorld(32)[i]["img"] for i in range(5)])
+    img = torch.stack([toy.ToyWorld(32)[i]["img"] for i in range(5)])
     data.save_image_grid(str(tmp_path / "a" / "grid.png"), img, [f"caption {i}" for i in range(5)], columns=3)
     grid = np.asarray(Image.open(tmp_path / "a" / "grid.png"))
     tile_h = grid.shape[0] // 2

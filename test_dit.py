@@ -1,11 +1,15 @@
-"""Tests for dit.py: exact math (adaLN-Zero identity, time shift, ODE integration, CFG algebra, FLOP count against
-torch's counter, parameter counts of the RAE / Scale-RAE code) and one learning test on a known distribution.
+"""Tests for dit.py: exact math (adaLN-Zero identity, time shift, ODE integration, guidance algebra, FLOP count against
+torch's counter, parameter counts of the RAE / Scale-RAE code), the export round trip (dit.load_dit), the learning-rate
+schedule (training.lr_at) and one learning test on a known distribution.
 
     python -m pytest -q test_dit.py
 """
+import copy
 import json
 import math
+import os
 import socket
+import types
 from dataclasses import asdict
 
 import pytest
@@ -14,8 +18,12 @@ import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+import ckpt
+import dit
+import training
 from dit import (PRESETS, DiT, DiTConfig, flops, flow_loss, loss_per_t_bin, rope_2d, apply_rope, sample, sample_t,
                  shift_alpha, time_shift)
+from training import lr_at
 
 TINY = dict(in_channels=8, num_tokens=16, hidden_size=32, depth=2, num_heads=2, text_dim=12, text_len=5,
             connector_depth=1, num_classes=5)
@@ -233,6 +241,75 @@ def test_bf16_autocast_and_compile_without_graph_breaks():
     assert torch.allclose(compiled(x, t, c, drop), v, atol=1e-6)
 
 
+# ----------------------------------------------------------------------------- export round trip
+def test_load_dit_round_trips_a_train_dit_export(tmp_path):
+    """train_dit.py's save() writes ckpt.pt and dit.safetensors (the EMA weights, with dit_config / alpha / latent /
+    step / encoder in the metadata); dit.load_dit reads the export back, from the file or from its run folder: the
+    same config, the EMA's every tensor (text statistics included) bit for bit, the same outputs, in eval mode, and
+    the metadata as written."""
+    import train_dit
+    model = randomize(tiny("text"))
+    model.set_text_stats(torch.randn(16, TINY["text_len"], TINY["text_dim"]))
+    ema = copy.deepcopy(model)
+    with torch.no_grad():  # the export must hold the EMA, not the trained weights
+        for p in ema.parameters():
+            p.mul_(0.5)
+    alpha = shift_alpha(TINY["num_tokens"], TINY["in_channels"])
+    args = types.SimpleNamespace(out=str(tmp_path), latent="rae", encoder=None, vae=None, stats=None)
+    run = training.Run(0, 1, 0, torch.device("cpu"), False, str(tmp_path / "ckpt.pt"))
+    opt = torch.optim.AdamW(model.parameters())
+    train_dit.save(args, run, model.cfg, model, ema, opt, alpha, 7, 0, 56)
+    x, t, c = inputs(model)
+    for path in (str(tmp_path / "dit.safetensors"), str(tmp_path)):
+        loaded, meta = dit.load_dit(path)
+        assert loaded.cfg == model.cfg and not loaded.training
+        want = ema.state_dict()
+        assert loaded.state_dict().keys() == want.keys()
+        assert all(torch.equal(v, want[k]) for k, v in loaded.state_dict().items())
+        assert torch.equal(loaded(x, t, c), ema(x, t, c))
+        assert json.loads(meta["dit_config"]) == asdict(model.cfg)
+        assert float(meta["alpha"]) == alpha and meta["latent"] == "rae" and meta["step"] == "7"
+        assert meta["encoder"] == "toy"
+    # the minimal export: config, time shift and latent only (a class-conditioned DiT-DH on the VAE latent)
+    other = randomize(tiny("class", ddt_depth=1, ddt_width=48, ddt_heads=3))
+    meta = dict(dit_config=json.dumps(asdict(other.cfg)), alpha="2.0", latent="vae")
+    path = str(tmp_path / "other.safetensors")
+    ckpt.save_safetensors(path, other.state_dict(), metadata=meta)
+    loaded, got = dit.load_dit(path, "cpu")
+    assert got == meta and loaded.cfg == other.cfg
+    x, t, c = inputs(other)
+    assert torch.equal(loaded(x, t, c), other(x, t, c))
+
+
+# ----------------------------------------------------------------------------- learning-rate schedule
+def test_lr_at_warmup_cosine_floor_and_constant():
+    peak, warmup, total, floor = 3e-3, 10, 110, 1e-4
+    # warmup: linear from peak / warmup at step 0 to peak at step warmup - 1
+    assert lr_at(0, peak, warmup, total, floor) == peak / warmup
+    for s in range(warmup):
+        assert lr_at(s, peak, warmup, total, floor) == peak * (s + 1) / warmup
+    assert lr_at(warmup - 1, peak, warmup, total, floor) == peak
+    # cosine from peak at step warmup to floor at step total, then floor for good
+    cosine = [lr_at(s, peak, warmup, total, floor) for s in range(warmup, total + 1)]
+    want = [floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * (s - warmup) / (total - warmup)))
+            for s in range(warmup, total + 1)]
+    assert cosine == pytest.approx(want, rel=1e-12, abs=0)
+    assert cosine[0] == pytest.approx(peak, rel=1e-12, abs=0)
+    assert cosine[(total - warmup) // 2] == pytest.approx((peak + floor) / 2, rel=1e-12, abs=0)
+    assert all(a > b for a, b in zip(cosine, cosine[1:]))  # strictly decreasing to the floor
+    for s in (total, total + 1, total + 50, 10 * total):
+        assert lr_at(s, peak, warmup, total, floor) == floor
+    assert lr_at(total, peak, warmup, total) == 0.0  # the default floor
+    # constant: the same warmup, then peak exactly, past total too
+    for s in range(warmup):
+        assert lr_at(s, peak, warmup, total, floor, "constant") == peak * (s + 1) / warmup
+    for s in (warmup, warmup + 1, total // 2, total, 10 * total):
+        assert lr_at(s, peak, warmup, total, floor, "constant") == peak
+    # no warmup: the cosine starts at peak at step 0
+    assert lr_at(0, peak, 0, total, floor) == pytest.approx(peak, rel=1e-12, abs=0)
+    assert lr_at(total, peak, 0, total, floor) == floor
+
+
 # ----------------------------------------------------------------------------- time shift and loss
 def test_time_shift_formula_and_endpoints():
     t = torch.linspace(0, 1, 101, dtype=torch.float64)
@@ -374,24 +451,25 @@ def test_sampler_with_the_exact_gaussian_velocity_recovers_the_gaussian():
     assert abs(z.mean() - m) < 0.005 and abs(z.std() / s - 1) < 0.02
 
 
-def test_cfg_scale_one_is_the_conditional_prediction_and_cfg_is_batched():
+def test_guidance_scale_one_is_the_conditional_prediction_and_guidance_is_batched():
     model = randomize(tiny("text"))
     x, _, c = inputs(model)
     ones, keep = torch.ones(4), torch.zeros(4, dtype=torch.bool)
     # one Euler step from t = 1 to 0: z = x - v(x, 1)
-    z = sample(model, x, c, alpha=2.0, steps=1, cfg=1.0)
+    z = sample(model, x, c, alpha=2.0, steps=1, guidance=1.0)
     assert torch.allclose(z, x - model(x, ones, c, keep), atol=1e-6)
     # cond and uncond in one batched forward equal two separate forwards
     v2 = model(torch.cat([x, x]), torch.cat([ones, ones]), torch.cat([c, c]), torch.cat([keep, ~keep]))
     v_c, v_u = model(x, ones, c, keep), model(x, ones, c, ~keep)
     assert torch.allclose(v2, torch.cat([v_c, v_u]), atol=1e-5)
-    z = sample(model, x, c, alpha=2.0, steps=1, cfg=3.0)
+    z = sample(model, x, c, alpha=2.0, steps=1, guidance=3.0)
     assert torch.allclose(z, x - (v_u + 3.0 * (v_c - v_u)), atol=1e-5)
 
 
-def test_cfg_runs_one_doubled_forward_only_inside_its_interval():
+def test_guidance_runs_one_doubled_forward_only_inside_its_interval():
     model = Recorder(lambda x, t: torch.zeros_like(x))
-    sample(model, torch.zeros(3, 4, 2), torch.zeros(3, 5, 2), alpha=1.0, steps=4, cfg=2.0, cfg_interval=(0.0, 0.6))
+    sample(model, torch.zeros(3, 4, 2), torch.zeros(3, 5, 2), alpha=1.0, steps=4, guidance=2.0,
+           guidance_interval=(0.0, 0.6))
     assert model.calls == [(3, 1.0), (3, 0.75), (6, 0.5), (6, 0.25)]
 
 

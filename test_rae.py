@@ -1,22 +1,23 @@
-"""Tests of rae.py against transformers / tokenizers / diffusers built from the same configs (CPU, fp32, tiny).
+"""Tests of rae.py against transformers / diffusers built from the same configs (CPU, fp32, tiny).
+(The tokenizer is tested in test_tokenizer.py, downloads in test_hub.py.)
 
     python -m pytest -q test_rae.py            # the fast suite
     python -m pytest -q test_rae.py -m slow    # so400m-patch14-224 shapes vs transformers (minutes, ~14 GB RAM)
 """
-import http.server
 import json
 import os
-import random
 import shutil
-import threading
 
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+import ckpt
 import rae
-
+import tokenizer
+import toy
+from conftest import one_line_naming
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -101,10 +102,11 @@ def test_vision_only_load_and_dtype(pair):
 
 
 def test_written_checkpoint_is_real_hf_format(tmp_path):
-    """write_tiny_siglip2's files load in transformers and give the same numbers as ours."""
+    """toy.write_tiny_siglip2's files (written by rae.save_siglip2) load in transformers and give the same numbers
+    as ours."""
     from tokenizers import Tokenizer
     from transformers import SiglipModel
-    rae.write_tiny_siglip2(str(tmp_path), ["red", "circle", "cat"], vision=dict(image_size=56), seed=1)
+    toy.write_tiny_siglip2(str(tmp_path), ["red", "circle", "cat"], vision=dict(image_size=56), seed=1)
     hf = SiglipModel.from_pretrained(str(tmp_path)).eval()
     ours = rae.load_siglip2(str(tmp_path))
     ids = ours.tokenizer(["A red circle", "the word \"cat\""])
@@ -158,7 +160,7 @@ def test_decoder_matches_diffusers_rae_decoder(tmp_path):
     cfg = rae.DecoderConfig(latent_dim=32, num_tokens=256, patch_size=2, hidden_size=48, depth=2, num_heads=4,
                             mlp_dim=96)
     dec = rae.Decoder(cfg).eval()
-    rae.load_checked(dec, rae.import_rae_decoder({"decoder." + k: v for k, v in ref.state_dict().items()}), "ref")
+    ckpt.load_checked(dec, rae.import_rae_decoder({"decoder." + k: v for k, v in ref.state_dict().items()}), "ref")
     z = torch.randn(2, 256, 32)
     expected = ref.unpatchify(ref(z, return_dict=True).logits)  # (B, 3, 32, 32)
     assert maxdiff(dec(z), expected) < 1e-4
@@ -175,86 +177,6 @@ def test_decoder_presets_and_unpatchify():
     x = torch.arange(2 * 4 * 12).float().view(2, 4, 12)  # 2x2 tokens of 2x2 pixels x 3 channels
     img = rae.unpatchify(x, 2)
     assert img.shape == (2, 3, 4, 4) and img[0, 1, 0, 3].item() == x[0, 1, (0 * 2 + 1) * 3 + 1].item()  # token 1, (py, px, c) = (0, 1, 1)
-
-
-# ----------------------------------------------------------------------------- tokenizer
-def train_bpe(corpus, n_merges, cut_words):
-    """A tiny BPE trainer (most frequent pair first) so the tokenizer test has real, irregular merges."""
-    seqs = [list(w) for s in corpus for w in (s.replace("\u2581", " \u2581").split(" ") if cut_words else [s]) if w]
-    merges = []
-    for _ in range(n_merges):
-        counts = {}
-        for s in seqs:
-            for a, b in zip(s, s[1:]):
-                counts[a, b] = counts.get((a, b), 0) + 1
-        if not counts:
-            break
-        (a, b), _ = max(counts.items(), key=lambda kv: kv[1])
-        merges.append([a, b])
-        for s in seqs:
-            i = 0
-            while i < len(s) - 1:
-                if s[i] == a and s[i + 1] == b:
-                    s[i:i + 2] = [a + b]
-                i += 1
-    return merges
-
-
-ALPHABET = list("abcdeéèfghijklmnoöpqrstuvwxyz ABCXYZ0123.,!\"'\n\t") + ["  ", "   ", "\n\n", "猫", "写真", "🙂", "👍🏽", "ß", "İ"]
-
-
-def random_text(rng, n):
-    return "".join(rng.choice(ALPHABET) for _ in range(n))
-
-
-@pytest.fixture(scope="module", params=["cut", "cross"])
-def tokenizers_pair(request, tmp_path_factory):
-    """A Gemma-structured tokenizer.json (normalizer, BPE byte_fallback, merges, added tokens) + HF's reading."""
-    rng = random.Random(0)
-    spec = rae.gemma_tokenizer_json(["photo", "cat", "red"])
-    corpus = [random_text(rng, 40).replace(" ", "\u2581") for _ in range(300)]
-    vocab = spec["model"]["vocab"]
-    for ch in "abcdeéfghijklmnopqrstuvwxyz\u2581ABC0123.,\n猫":  # some characters are missing: byte fallback
-        vocab.setdefault(ch, len(vocab))
-    corpus = ["".join(c for c in s if c in vocab) for s in corpus]
-    for a, b in train_bpe(corpus, 250, cut_words=request.param == "cut"):
-        if a + b not in vocab:
-            vocab[a + b] = len(vocab)
-            spec["model"]["merges"].append([a, b])
-    for content in ["<start_of_turn>", "\n\n", "\u2581\u2581"]:  # Gemma's user-defined pieces: matched whole
-        vocab.setdefault(content, max(vocab.values()) + 1)  # keeps its id if BPE already made that token
-        spec["added_tokens"].append({"id": vocab[content], "content": content, "single_word": False, "lstrip": False,
-                                     "rstrip": False, "normalized": False, "special": content[0] == "<"})
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    path.write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
-    return rae.GemmaTokenizer(str(path)), str(path), request.param
-
-
-def test_tokenizer_matches_hf_on_random_strings(tokenizers_pair):
-    from tokenizers import Tokenizer
-    ours, path, mode = tokenizers_pair
-    hf = Tokenizer.from_file(path)  # with the file's fixed padding to 64, truncation and "$A <eos>" template
-    assert ours.cut_at_spaces == (mode == "cut")
-    rng = random.Random(1)
-    texts = [random_text(rng, rng.randint(0, 60)) for _ in range(2500)]
-    texts += ["", " ", "   lead and trail   ", "a photo of a cat", "A Photo Of A CAT", "<start_of_turn>user\n\nhi",
-              "naïve café ñandú", "猫の写真 🙂👍🏽", "x" * 10000, "cat " * 2500, random_text(rng, 10000)]
-    batch = texts[:300] + texts[-5:]
-    assert ours(batch).tolist() == [e.ids for e in hf.encode_batch([t.lower() for t in batch])]
-    hf.no_padding()
-    hf.no_truncation()
-    bad = [t for t in texts if ours.encode(t) != hf.encode(t, add_special_tokens=False).ids]
-    assert not bad, f"{len(bad)} mismatches of {len(texts)}, first {bad[0][:80]!r}"
-
-
-def test_tokenizer_call_layout(tokenizers_pair):
-    ours, _, _ = tokenizers_pair
-    ids = ours(["A Photo", "cat " * 100])
-    assert ids.shape == (2, 64) and ids.dtype == torch.long
-    n = len(ours.encode("a photo"))
-    assert ids[0, n].item() == 1 and (ids[0, n + 1:] == 0).all()  # EOS then pad 0
-    assert ids[1, 63].item() == 1 and (ids[1, :63] != 0).all()  # truncated to 63 + EOS
-    assert ours.decode(ours.encode("naïve café 猫 🙂")) == "naïve café 猫 🙂"
 
 
 # ----------------------------------------------------------------------------- clear errors
@@ -335,80 +257,6 @@ def test_bad_decoder_and_stats_files(tmp_path):
     rae.save_decoder(str(tmp_path / "d.safetensors"), dec)
     with pytest.raises(ValueError, match=r"decoder expects latents \(B, 4, 8\)"):
         dec(torch.zeros(1, 4, 9))
-
-
-# ----------------------------------------------------------------------------- download
-class SnapshotServer(http.server.BaseHTTPRequestHandler):
-    """Serves /{repo}/resolve/main/{file} from `root` with Range support; `cut` drops the first GET of a file
-    after that many bytes (a broken connection); `sha` sends the sha256 ETag header as the hub does."""
-    root, cut, served, hashes = None, {}, [], {}
-
-    def do_GET(self):
-        name = self.path.split("/resolve/main/")[-1]
-        path = os.path.join(self.root, name)
-        if not os.path.isfile(path):
-            self.send_error(404)
-            return
-        data = open(path, "rb").read()
-        start = int(self.headers["Range"].split("=")[1].rstrip("-")) if self.headers.get("Range") else 0
-        self.served.append((name, start))
-        self.send_response(206 if start else 200)
-        self.send_header("Content-Length", str(len(data) - start))
-        if name in self.hashes:
-            self.send_header("X-Linked-Etag", self.hashes[name])
-        self.end_headers()
-        body = data[start:]
-        if self.cut.pop(name, None) is not None:
-            body = body[: len(body) // 3]
-            self.wfile.write(body)
-            self.wfile.flush()
-            self.connection.shutdown(2)
-            return
-        self.wfile.write(body)
-
-    def log_message(self, *a):
-        pass
-
-
-@pytest.fixture
-def server(pair):
-    import hashlib
-    with open(os.path.join(pair[2], "tokenizer.json"), "w") as f:  # save_pretrained wrote no tokenizer
-        json.dump(rae.gemma_tokenizer_json(["cat"]), f)
-    SnapshotServer.root, SnapshotServer.served = pair[2], []
-    SnapshotServer.hashes = {"model.safetensors": hashlib.sha256(open(os.path.join(pair[2], "model.safetensors"), "rb").read()).hexdigest()}
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SnapshotServer)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_port}"
-    httpd.shutdown()
-
-
-def test_download_resumes_after_interruption(server, pair, tmp_path):
-    out = str(tmp_path / "snap")
-    SnapshotServer.cut = {"model.safetensors": True}
-    with pytest.raises(IOError, match="incomplete download"):
-        rae.download("google/siglip2-tiny", out, endpoint=server)
-    assert not os.path.exists(os.path.join(out, "model.safetensors"))  # nothing that looks complete
-    assert os.path.getsize(os.path.join(out, "model.safetensors.part")) > 0
-    rae.download("google/siglip2-tiny", out, endpoint=server)
-    assert ("model.safetensors", os.path.getsize(os.path.join(pair[2], "model.safetensors")) // 3) in SnapshotServer.served
-    assert open(os.path.join(out, "model.safetensors"), "rb").read() == open(os.path.join(pair[2], "model.safetensors"), "rb").read()
-    assert not os.path.exists(os.path.join(out, "model.safetensors.part"))
-    img = torch.rand(1, 3, 56, 56) * 2 - 1
-    assert maxdiff(rae.load_siglip2(out).vision(img), pair[1].vision(img)) == 0
-
-
-def test_download_rejects_hash_mismatch_and_shards(server, pair, tmp_path):
-    SnapshotServer.hashes["model.safetensors"] = "0" * 64
-    with pytest.raises(IOError, match="sha256 mismatch"):
-        rae.download("google/siglip2-tiny", str(tmp_path / "a"), endpoint=server)
-    assert not os.path.exists(tmp_path / "a" / "model.safetensors")
-    sharded = tmp_path / "sharded"
-    hf_siglip(str(sharded), max_shard_size="100KB")
-    shutil.copy(os.path.join(pair[2], "tokenizer.json"), sharded)
-    SnapshotServer.root, SnapshotServer.hashes = str(sharded), {}
-    rae.download("google/siglip2-tiny", str(tmp_path / "b"), endpoint=server)
-    assert rae.load_siglip2(str(tmp_path / "b")).vision is not None
 
 
 # ----------------------------------------------------------------------------- real shapes (slow)

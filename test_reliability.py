@@ -28,23 +28,26 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import data
+import ckpt
 import dit
 import rae
 import sample
+import tokenizer
+import toy
 import train_decoder
 import train_dit
-from test_train import DEC, DIT, ENV, HERE, decoder_run, dit_run, metrics, run  # noqa: F401 (fixtures)
+import training
+from conftest import DEC, DIT, ENV, HERE, metrics, one_line_naming, run
 
 SCRIPTS = {"train_decoder.py": (train_decoder, DEC, 6), "train_dit.py": (train_dit, DIT, 4)}  # module, args, steps
 
 
-def ckpt(out):
+def read_ckpt(out):
     return torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=True)
 
 
 def ckpt_step(out):
-    return ckpt(out)["step"] if os.path.exists(os.path.join(out, "ckpt.pt")) else 0
+    return read_ckpt(out)["step"] if os.path.exists(os.path.join(out, "ckpt.pt")) else 0
 
 
 def assert_same_tree(a, b, where="ckpt"):
@@ -65,20 +68,13 @@ def assert_same_tree(a, b, where="ckpt"):
 
 def assert_same_run(out, reference):
     """Everything a checkpoint holds but its args (--out and --resume differ): weights, EMA, optimizers, position."""
-    got, want = ckpt(out), ckpt(reference)
+    got, want = read_ckpt(out), read_ckpt(reference)
     got.pop("args"), want.pop("args")
     assert_same_tree(got, want)
 
 
 def reference(script, request):
     return request.getfixturevalue("decoder_run")[0] if script == "train_decoder.py" else request.getfixturevalue("dit_run")
-
-
-def one_line_naming(e, *needles):
-    message = str(e.value)
-    assert "\n" not in message, message
-    for needle in needles:
-        assert needle in message, (needle, message)
 
 
 @pytest.fixture
@@ -145,7 +141,8 @@ def test_interrupted_anywhere_then_resumed_is_exact(script, request, tmp_path, i
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_checkpoint_write_that_fails_halfway_keeps_the_previous(script, request, tmp_path, monkeypatch, in_process):
     """The disk fills up while the step-4 checkpoint is written: half of it reaches ckpt.pt.tmp, then OSError. The
-    step-2 ckpt.pt is untouched, and --resume from it lands on the uninterrupted run's weights."""
+    step-2 ckpt.pt is untouched, no ckpt.pt.tmp is left behind, and --resume from it lands on the uninterrupted run's
+    weights."""
     module, args, _ = SCRIPTS[script]
     out, real_save, saves = str(tmp_path / "run"), torch.save, []
 
@@ -157,18 +154,42 @@ def test_checkpoint_write_that_fails_halfway_keeps_the_previous(script, request,
         real_save(obj, buf)
         with open(f, "wb") as fh:
             fh.write(buf.getvalue()[: buf.tell() // 2])
+        with pytest.raises(ValueError, match="not a readable checkpoint: truncated"):  # the half-written file
+            ckpt.read_checkpoint(f)
         raise OSError(errno.ENOSPC, "No space left on device", f)
 
     with monkeypatch.context() as m:
         m.setattr(torch, "save", full_disk)
         with pytest.raises(OSError, match="No space left on device"):
             module.main(module.parse_args([*args, "--out", out]))
-    assert saves[-1] == os.path.join(out, "ckpt.pt.tmp")
-    with pytest.raises(ValueError, match="not a readable checkpoint: truncated"):  # the half-written file
-        rae.read_checkpoint(saves[-1])
-    assert ckpt(out)["step"] == 2
+    assert saves[-1] == os.path.join(out, "ckpt.pt.tmp") and len(saves) == 2
+    assert sorted(f for f in os.listdir(out) if f.endswith(".tmp")) == []  # the failed write removed its temp file
+    assert read_ckpt(out)["step"] == 2
     module.main(module.parse_args([*args, "--out", out, "--resume"]))
     assert_same_run(out, reference(script, request))
+
+
+def test_safetensors_write_that_fails_halfway_keeps_the_previous(tmp_path, monkeypatch):
+    """ckpt.save_safetensors (every export: decoder, DiT, latents, stats) over an existing file, with the disk full
+    halfway: OSError, no .tmp left behind, and the previous file still reads back whole."""
+    path = str(tmp_path / "dit.safetensors")
+    old = {"w": torch.arange(6.0).reshape(2, 3)}
+    ckpt.save_safetensors(path, old, metadata={"step": "2"})
+    real_save_file, calls = ckpt.save_file, []
+
+    def full_disk(tensors, f, metadata=None):
+        calls.append(f)
+        real_save_file(tensors, f, metadata=metadata)
+        raw = open(f, "rb").read()
+        open(f, "wb").write(raw[: len(raw) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device", f)
+
+    monkeypatch.setattr(ckpt, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+        ckpt.save_safetensors(path, {"w": torch.ones(2, 3)}, metadata={"step": "4"})
+    assert calls == [path + ".tmp"]
+    assert os.listdir(tmp_path) == ["dit.safetensors"]
+    assert torch.equal(ckpt.read_safetensors(path)["w"], old["w"]) and ckpt.read_metadata(path) == {"step": "2"}
 
 
 def poisoned(fn, call, value):
@@ -214,14 +235,45 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_files(script, what, value
             m.setattr(dit, "flow_loss", poisoned(dit.flow_loss, 3, value))
         with pytest.raises(SystemExit) as e:
             module.main(module.parse_args([*args, "--out", out]))
-    one_line_naming(e, "step 2:", what, str(value), os.path.join(out, "ckpt.pt"), "stopping without saving")
-    ck = ckpt(out)
+    one_line_naming(e, f"step 2: {what} is {value} (rank 0)", "not finite", os.path.join(out, "ckpt.pt"),
+                    "stopping without saving")
+    ck = read_ckpt(out)
     export = load_file(os.path.join(out, "decoder.safetensors" if script == "train_decoder.py" else "dit.safetensors"))
     assert ck["step"] == 2 and all(torch.isfinite(t).all() for t in ck["ema"].values())
     assert_same_tree(export, ck["ema"])
     if resume:
         module.main(module.parse_args([*args, "--out", out, "--resume"]))
         assert_same_run(out, reference(script, request))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_non_finite_gradient_stops_before_the_optimizer_step(script, tmp_path, monkeypatch, in_process):
+    """A finite loss whose gradient is not (one parameter's gradient NaN at step index 2, as an overflow in backward
+    makes it): the run stops with one line saying "gradient norm is nan" before the optimizer step, which would have
+    turned that parameter (AdamW: every moment) into NaN; ckpt.pt and the export stay at step 2."""
+    module, args, _ = SCRIPTS[script]
+    out, real_clip, calls, seen = str(tmp_path / "run"), torch.nn.utils.clip_grad_norm_, [0], []
+
+    def clip(parameters, *a, **kw):
+        parameters = list(parameters)
+        calls[0] += 1
+        if calls[0] == 3:  # step index 2, after the step-2 save
+            seen.extend(parameters)
+            next(p for p in parameters if p.grad is not None).grad.fill_(math.nan)
+        return real_clip(parameters, *a, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+        with pytest.raises(SystemExit) as e:
+            module.main(module.parse_args([*args, "--out", out]))
+    one_line_naming(e, "step 2: gradient norm is nan (rank 0)", "not finite", "stopping without saving",
+                    os.path.join(out, "ckpt.pt"))
+    assert calls[0] == 3 and seen and all(torch.isfinite(p).all() for p in seen)  # no optimizer step took the NaN
+    ck = read_ckpt(out)
+    export = load_file(os.path.join(out, "decoder.safetensors" if script == "train_decoder.py" else "dit.safetensors"))
+    assert ck["step"] == 2 and all(torch.isfinite(t).all() for t in ck["ema"].values())
+    assert_same_tree(export, ck["ema"])
+    assert [r["step"] for r in metrics(out)] == [1, 2]  # the bad step logged nothing either
 
 
 NAN_ON_RANK_1 = """
@@ -248,9 +300,12 @@ def test_decoder_ranks_agree_on_a_non_finite_loss(tmp_path):
                         "--eval-every", "3", "--val-images", "2", "--out", out],
                        cwd=HERE, env=ENV, capture_output=True, text=True, timeout=240)
     assert r.returncode != 0
-    for rank, value in ((0, ""), (1, "nan")):
-        assert f"step 1: loss is not finite (rank {rank}: {value}" in r.stderr, r.stderr[-3000:]
-    assert ckpt(out)["step"] == 1
+    # rank 1 names its value; rank 0, whose loss was finite, stops at the same step because of the other rank
+    stops = [line for line in r.stderr.splitlines() if "stopping without saving" in line]
+    for rank, what in ((0, "a value on another rank"), (1, "loss is nan")):
+        assert any(f"step 1: {what} (rank {rank})" in line and os.path.join(out, "ckpt.pt") in line
+                   for line in stops), r.stderr[-3000:]
+    assert read_ckpt(out)["step"] == 1
 
 
 # ----------------------------------------------------------------------------- the resume checkpoint
@@ -275,6 +330,12 @@ def edit(fn):
         fn(ck, names)
         torch.save(ck, path)
     return apply
+
+
+def files(folder):
+    """Every file under `folder` -> its bytes: what a run that fails before its first step must leave as it was."""
+    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+            for d, _, names in os.walk(folder) for f in names}
 
 
 def moment(ck):
@@ -311,25 +372,89 @@ def test_bad_resume_checkpoint_is_refused(script, case, request, tmp_path, in_pr
     out = tmp_path / "run"
     shutil.copytree(reference(script, request), out)
     path, names = str(out / "ckpt.pt"), NAMES[script]
-    assert names["tensor"] in ckpt(str(out))["ema"]
+    assert names["tensor"] in read_ckpt(str(out))["ema"]
     BAD_RESUMES[case][0](path, names)
-    before = open(path, "rb").read()
+    before = files(out)
     with pytest.raises(ValueError) as e:
         module.main(module.parse_args([*args, "--out", str(out), "--resume"]))
     one_line_naming(e, path, *(s.format(**names) for s in BAD_RESUMES[case][1]))
-    assert open(path, "rb").read() == before and not os.path.exists(path + ".pwned")
+    assert files(out) == before and not os.path.exists(path + ".pwned")  # nothing written, ckpt.pt as it was
+
+
+@pytest.mark.parametrize("script", ["train_decoder.py", "train_dit.py"])
+def test_bad_resume_checkpoint_names_every_problem_in_one_line(script, request, tmp_path, in_process):
+    """A ckpt.pt with three problems at once (a missing EMA tensor, a mis-shaped model tensor, another depth in its
+    config): ONE line names the file and each of them, so a user fixes the file once; nothing is written."""
+    module, args, _ = SCRIPTS[script]
+    out = tmp_path / "run"
+    shutil.copytree(reference(script, request), out)
+    path, names = str(out / "ckpt.pt"), NAMES[script]
+    ck = read_ckpt(str(out))
+    model_key = next(k for k in ck[names["model"]] if k != names["tensor"])
+    depth = ck["config"]["depth"]
+    del ck["ema"][names["tensor"]]
+    ck[names["model"]][model_key] = torch.zeros(3)
+    ck["config"]["depth"] = depth + 1
+    torch.save(ck, path)
+    before = files(out)
+    with pytest.raises(ValueError) as e:
+        module.main(module.parse_args([*args, "--out", str(out), "--resume"]))
+    one_line_naming(e, path, f"missing key 'ema.{names['tensor']}'", f"key '{names['model']}.{model_key}' has shape (3,)",
+                    f"'config.depth' is {depth + 1} in the checkpoint but {depth} in this run")
+    assert files(out) == before
 
 
 @pytest.mark.parametrize("script,flags,field", [
-    pytest.param("train_decoder.py", ["--decoder", "B"], "'config.depth' is 4 in the checkpoint but 12 in this run"),
+    pytest.param("train_decoder.py", ["--model", "B"], "'config.depth' is 4 in the checkpoint but 12 in this run"),
     pytest.param("train_dit.py", ["--model", "DiT-S"], "'config.connector_depth' is 1 in the checkpoint but 2 in this run")])
 def test_resume_with_another_model_flag_names_the_config_field(script, flags, field, request, tmp_path, in_process):
     module, args, _ = SCRIPTS[script]
     out = tmp_path / "run"
     shutil.copytree(reference(script, request), out)
+    before = files(out)
     with pytest.raises(ValueError) as e:
         module.main(module.parse_args([*args, *flags, "--out", str(out), "--resume"]))
     one_line_naming(e, str(out / "ckpt.pt"), field)
+    assert files(out) == before
+
+
+@pytest.mark.parametrize("script,flags,flag", [
+    ("train_decoder.py", ["--batch", "2"], "--batch is 4 in the checkpoint but 2 in this run"),
+    ("train_dit.py", ["--batch", "4"], "--batch is 8 in the checkpoint but 4 in this run"),
+    ("train_dit.py", ["--grad-accum", "2"], "--grad-accum is 1 in the checkpoint but 2 in this run")])
+def test_resume_with_another_batch_or_grad_accum_is_refused(script, flags, flag, request, tmp_path, in_process):
+    """--batch and --grad-accum set the data position and the noise of every sample: a resumed run that changed them
+    would not continue the same run. Refused in one line naming the flag, before any step; nothing is written."""
+    module, args, _ = SCRIPTS[script]
+    out = tmp_path / "run"
+    shutil.copytree(reference(script, request), out)
+    before = files(out)
+    with pytest.raises(ValueError) as e:  # --steps + 2: without the check, two steps would overwrite ckpt.pt
+        module.main(module.parse_args([*args, *flags, "--steps", str(SCRIPTS[script][2] + 2), "--out", str(out),
+                                       "--resume"]))
+    one_line_naming(e, str(out / "ckpt.pt"), flag)
+    assert files(out) == before
+
+
+@pytest.mark.parametrize("script,flags,notes", [
+    ("train_decoder.py", ["--steps", "7", "--lr", "0.002"], ["--steps 6 -> 7", "--lr 0.001 -> 0.002"]),
+    ("train_dit.py", ["--steps", "6", "--lr", "0.001"], ["--steps 4 -> 6", "--lr 0.002 -> 0.001"])])
+def test_resume_with_another_lr_or_steps_continues_and_says_so(script, flags, notes, request, tmp_path, capsys,
+                                                               in_process):
+    """A longer --steps or a new --lr is how a run is extended or rescued: allowed, printed in the "resumed" line,
+    and used from the next step on (the logged lr is the schedule's with the new flags)."""
+    module, args, steps = SCRIPTS[script]
+    out = tmp_path / "run"
+    shutil.copytree(reference(script, request), out)
+    new = module.parse_args([*args, *flags, "--out", str(out), "--resume"])
+    module.main(new)
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("resumed from"))
+    assert line.startswith(f"resumed from {out / 'ckpt.pt'} at step {steps} (") and all(n in line for n in notes), line
+    ck, logged = read_ckpt(str(out)), metrics(str(out))
+    assert ck["step"] == new.steps and ck["args"]["lr"] == new.lr
+    assert [r["step"] for r in logged] == [*range(1, new.steps + 1)]
+    assert logged[-1]["lr"] == training.lr_at(new.steps - 1, new.lr, new.warmup, new.steps, new.min_lr,
+                                              getattr(new, "schedule", "cosine"))
 
 
 @pytest.mark.parametrize("script", ["train_decoder.py", "train_dit.py"])
@@ -346,7 +471,7 @@ def test_a_forgotten_resume_does_not_overwrite_the_checkpoint(script, request, t
 
 def test_no_code_path_unpickles():
     """Every torch.load outside the tests passes weights_only=True, and nothing calls pickle or numpy's loaders (which
-    unpickle object arrays): weights come from safetensors, checkpoints through rae.read_checkpoint."""
+    unpickle object arrays): weights come from safetensors, checkpoints through ckpt.read_checkpoint."""
     calls = []
     for name in sorted(f for f in os.listdir(HERE) if f.endswith(".py") and not f.startswith("test_")):
         for node in ast.walk(ast.parse(open(os.path.join(HERE, name)).read())):
@@ -356,7 +481,7 @@ def test_no_code_path_unpickles():
                 assert fn not in ("pickle.load", "pickle.loads", "np.load", "numpy.load"), (name, fn)
                 assert fn != "torch.load" or safe, f"{name}:{node.lineno}: torch.load without weights_only=True"
                 calls += [name] if fn == "torch.load" else []
-    assert "rae.py" in calls  # rae.read_checkpoint, which the tests above exercise
+    assert "ckpt.py" in calls  # ckpt.read_checkpoint, which the tests above exercise
 
 
 # ----------------------------------------------------------------------------- exports: decoder, DiT, latent stats
@@ -366,7 +491,7 @@ def bad_export(src, dst, drop=(), put=None, meta=None):
     for k in drop:
         del state[k]
     state.update(put or {})
-    save_file(state, dst, metadata={**rae.read_metadata(src), **(meta or {})})
+    save_file(state, dst, metadata={**ckpt.read_metadata(src), **(meta or {})})
     return dst
 
 
@@ -386,7 +511,7 @@ def decoder_file(tmp_path_factory):
 
 
 def test_bad_decoder_exports(decoder_file, tmp_path):
-    cfg = json.loads(rae.read_metadata(decoder_file)["decoder_config"])
+    cfg = json.loads(ckpt.read_metadata(decoder_file)["decoder_config"])
     k = "blocks.0.attn.qkv.weight"
     cases = {  # name: (file, what the one line must say besides its path)
         "truncated": (half(decoder_file, tmp_path / "t.safetensors"), "truncated"),
@@ -423,7 +548,7 @@ def test_bad_decoder_exports(decoder_file, tmp_path):
 
 def test_bad_dit_exports(dit_run, tmp_path):
     good = os.path.join(dit_run, "dit.safetensors")
-    cfg = json.loads(rae.read_metadata(good)["dit_config"])
+    cfg = json.loads(ckpt.read_metadata(good)["dit_config"])
     k = "final_layer.linear.weight"
     shape = tuple(load_file(good)[k].shape)
     cases = {
@@ -449,14 +574,17 @@ def test_bad_dit_exports(dit_run, tmp_path):
     }
     for name, (path, needle) in cases.items():
         with pytest.raises(ValueError) as e:
-            sample.load_dit(str(path), "cpu")
+            dit.load_dit(str(path), "cpu")
         one_line_naming(e, str(path), needle)
 
 
-def test_sample_raw_loads_the_non_ema_weights(dit_run):
+def test_sample_raw_loads_the_non_ema_weights(dit_run, monkeypatch):
     """--raw was accepted and ignored (the EMA was sampled); now it loads ckpt.pt's model weights."""
-    model, _ = sample.load_dit(dit_run, "cpu", raw=True)
-    ck = ckpt(dit_run)
+    monkeypatch.chdir(HERE)  # the toy encoder's folder
+    model = sample.load_models(sample.parse_args(["--ckpt", dit_run, "--raw"]), torch.device("cpu"))[0]
+    ema = sample.load_models(sample.parse_args(["--ckpt", dit_run]), torch.device("cpu"))[0]
+    assert_same_tree(ema.state_dict(), load_file(os.path.join(dit_run, "dit.safetensors")))  # without --raw: the EMA
+    ck = read_ckpt(dit_run)
     assert_same_tree(model.state_dict(), ck["model"])
     assert any(not torch.equal(ck["model"][k], v) for k, v in ck["ema"].items())  # so the test can tell them apart
 
@@ -490,7 +618,7 @@ def test_bad_latent_stats(tmp_path):
 @pytest.fixture(scope="module")
 def snapshot(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("snap") / "siglip")
-    rae.write_tiny_siglip2(path, ["red", "circle"], vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+    toy.write_tiny_siglip2(path, ["red", "circle"], vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                                                  num_attention_heads=2, image_size=28, patch_size=14),
                            text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2))
     return path
@@ -511,9 +639,10 @@ def test_bad_snapshot_configs(snapshot, tmp_path):
     cases = {  # name: (file, its new text from the old ("" if new), the file the line names, what else it says)
         "config truncated": ("config.json", lambda t: t[: len(t) // 2], "config.json", "not valid JSON"),
         "config disagrees with the weights": ("config.json", json_edit(lambda c: c["text_config"].update(hidden_size=48)),
-                                              weights, "config.json implies (48"),
+                                              weights, "key 'text_model.embeddings.position_embedding.weight' has "
+                                                       "shape (64, 32), expected (64, 48)"),
         "config has more layers": ("config.json", json_edit(lambda c: c["vision_config"].update(num_hidden_layers=2)),
-                                   weights, "missing key(s) for ['vision.blocks.1."),
+                                   weights, "missing key 'vision_model.encoder.layers.1."),
         "shard index truncated": ("model.safetensors.index.json", lambda t: '{"weight_map": {"logit_scale": "mo',
                                   "model.safetensors.index.json", "not a readable shard index, need key 'weight_map'"),
     }
@@ -526,6 +655,8 @@ def test_bad_snapshot_configs(snapshot, tmp_path):
         with pytest.raises(ValueError) as e:
             rae.load_siglip2(folder)
         one_line_naming(e, os.path.join(folder, named), needle)
+        if named == weights:  # the line says where the expected shapes come from
+            one_line_naming(e, "config.json sets the expected shapes")
 
 
 def test_tokenizer_of_another_model(snapshot, tmp_path):
@@ -571,7 +702,7 @@ def test_bad_tokenizer_json(case, snapshot, tmp_path):
     path = str(tmp_path / "tokenizer.json")
     open(path, "w").write(change(open(os.path.join(snapshot, "tokenizer.json")).read()))
     with pytest.raises(ValueError) as e:
-        rae.GemmaTokenizer(path)
+        tokenizer.GemmaTokenizer(path)
     one_line_naming(e, path, needle)
 
 
@@ -601,40 +732,110 @@ def test_batch_not_divisible_by_world_size(tmp_path):
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_missing_or_wrong_encoder(script, tmp_path, in_process):
+def test_missing_or_wrong_encoder(script, tmp_path, capsys, in_process):
+    """No --encoder (and no --preset toy): an argparse error naming the flag. A folder that does not exist: one line
+    naming its config.json, before any step."""
     module, _, _ = SCRIPTS[script]
-    base = ["--data", "toy", "--steps", "1", "--batch", "2", "--workers", "0", "--out", str(tmp_path / "run")]
-    with pytest.raises(SystemExit, match="--encoder is required"):
-        module.main(module.parse_args(base))
+    out = tmp_path / "run"
+    base = ["--data", "toy", "--steps", "1", "--batch", "2", "--workers", "0", "--out", str(out)]
+    with pytest.raises(SystemExit) as e:
+        module.parse_args(base)
+    assert e.value.code == 2 and "--encoder is required" in capsys.readouterr().err.strip().splitlines()[-1]
     with pytest.raises(FileNotFoundError) as e:
         module.main(module.parse_args([*base, "--encoder", str(tmp_path / "nowhere")]))
     one_line_naming(e, os.path.join(str(tmp_path / "nowhere"), "config.json"), "file not found")
+    assert not os.path.exists(out / "ckpt.pt") and not os.path.exists(out / "metrics.jsonl")
 
 
 def test_dit_batch_not_divisible_by_world_size_x_grad_accum(tmp_path, in_process):
-    with pytest.raises(SystemExit, match=r"--batch 8 is not divisible by world size 1 x --grad-accum 3"):
-        train_dit.main(train_dit.parse_args([*DIT, "--grad-accum", "3", "--out", str(tmp_path / "run")]))
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        train_dit.main(train_dit.parse_args([*DIT, "--grad-accum", "3", "--out", str(out)]))
+    one_line_naming(e, "--batch 8 is not divisible by", "world size 1", "--grad-accum 3")
+    assert not os.path.exists(out / "ckpt.pt") and not os.path.exists(out / "metrics.jsonl")
+
+
+@pytest.mark.parametrize("stale", ["older version", "another size"])
+def test_stale_toy_encoder_says_to_delete_the_folder(stale, tmp_path, monkeypatch, toy_encoder, in_process):
+    """A toy_encoder/ folder written by an older version (its config.json has no toy_text_window) or at another
+    image size: train_dit.py --preset toy, run where that folder is, fails in one line that names the folder and
+    says to delete it, before any step (not with a shape error deep in a forward, or worse, training on it)."""
+    folder = tmp_path / "toy_encoder"
+    folder.mkdir()
+    config = json.load(open(os.path.join(HERE, "toy_encoder", "config.json")))
+    if stale == "older version":
+        del config["toy_text_window"]
+    else:
+        config["vision_config"]["image_size"] = 224
+    json.dump(config, open(folder / "config.json", "w"))
+    monkeypatch.chdir(tmp_path)
+    before = files(folder)
+    with pytest.raises(ValueError) as e:
+        train_dit.main(train_dit.parse_args([*DIT, "--out", str(tmp_path / "run")]))
+    one_line_naming(e, str(folder), "delete that folder")
+    assert files(folder) == before and not os.path.exists(tmp_path / "run" / "ckpt.pt")
+
+
+@pytest.mark.parametrize("manifest", ["{\"version\": 1, \"shards\": [", "{}", "[1, 2]"])
+def test_corrupt_cache_manifest_is_named(manifest, tmp_path, in_process):
+    """train_dit.py --cache-latents DIR whose manifest.json is not JSON, lacks its fields, or is not an object: one
+    line naming manifest.json, before any step, and the folder is left as it was (test_latents.py covers the class;
+    this is the end to end run)."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "manifest.json").write_text(manifest)
+    with pytest.raises(ValueError) as e:
+        train_dit.main(train_dit.parse_args([*DIT, "--cache-latents", str(cache), "--out", str(tmp_path / "run")]))
+    one_line_naming(e, str(cache / "manifest.json"), "not a readable cache manifest")
+    assert files(cache) == {"manifest.json": manifest.encode()}
+    assert not os.path.exists(tmp_path / "run" / "ckpt.pt")
 
 
 LONG = "a red circle on the left " * 400  # 10,000 characters
 ODD = ["", LONG, "un chat noir über 東京 🐈"]
 
 
-def test_prompts_empty_long_and_non_ascii(decoder_run, dit_run, tmp_path):
-    """Documented behaviour: "" is EOS alone; 10,000 characters are cut to 63 tokens + EOS, with a note; non-ASCII
-    text goes through the byte fallback and back. All three sample, draw and caption the grid."""
-    tok = data.toy_encoder(os.path.join(HERE, "toy_encoder")).tokenizer
+def notes(stdout):
+    return [line for line in stdout.splitlines() if line.startswith("note:")]
+
+
+def test_prompts_empty_long_and_non_ascii(decoder_run, dit_run, toy_encoder, tmp_path):
+    """Documented behaviour: "" is EOS alone; 10,000 characters are cut to 63 tokens + EOS, with a note that gives
+    the token count and what the DiT reads; non-ASCII text goes through the byte fallback and back. All three sample,
+    draw and caption the grid."""
+    tok = toy_encoder.tokenizer
     ids = tok(ODD)  # (3, 64)
     assert ids[0].tolist() == [tok.eos_id] + [tok.pad_id] * 63
     assert ids[1, 63].item() == tok.eos_id and (ids[1, :63] != tok.pad_id).all()
     odd = ids[2][ids[2] != tok.pad_id][:-1].tolist()
     assert tok.decode(odd) == ODD[2].lower() and any(tok.id_to_token[i].startswith("<0x") for i in odd)
+    text_len = json.loads(ckpt.read_metadata(os.path.join(dit_run, "dit.safetensors"))["dit_config"])["text_len"]
     out = str(tmp_path / "s")
     r = run("sample.py", "--ckpt", dit_run, "--decoder", os.path.join(decoder_run[0], "decoder.safetensors"),
             *sum((["--prompt", p] for p in ODD), []), "--steps", "2", "--out", out, "--save-latents")
-    assert "note: prompt of 10000 characters is truncated to 64 tokens" in r.stdout
+    long_note = f"note: this prompt is {len(tok.encode(LONG.lower())) + 1} tokens with EOS, the DiT reads the first " \
+                f"{text_len}: 'a red circle"
+    assert any(line.startswith(long_note) for line in notes(r.stdout)), r.stdout
+    assert len(notes(r.stdout)) == sum(len(tok.encode(p.lower())) + 1 > text_len for p in ODD), r.stdout
     assert sorted(os.listdir(out)) == ["0000.png", "0001.png", "0002.png", "grid.png", "latents.safetensors"]
     assert torch.isfinite(load_file(os.path.join(out, "latents.safetensors"))["z"]).all()
+
+
+def test_prompt_longer_than_the_dit_reads_gets_a_note(dit_run, toy_encoder, tmp_path, capsys, monkeypatch):
+    """The toy DiT reads the first 24 of the text tower's 64 positions: a prompt of 25 to 64 tokens is not cut by
+    the tokenizer but is by the DiT, and sample.py says so with the token count; a prompt that fits gets no note."""
+    monkeypatch.chdir(HERE)
+    tok = toy_encoder.tokenizer
+    text_len = json.loads(ckpt.read_metadata(os.path.join(dit_run, "dit.safetensors"))["dit_config"])["text_len"]
+    assert text_len == 24
+    short = "a red circle on the left"
+    mid = " and ".join(["a red circle on the left", "a blue square on the right", "a green triangle at the top"] * 2)
+    n_short, n_mid = (len(tok.encode(p)) + 1 for p in (short, mid))
+    assert n_short <= text_len < n_mid < tok.max_len, (n_short, n_mid)
+    sample.main(sample.parse_args(["--ckpt", dit_run, "--prompt", short, "--prompt", mid, "--steps", "1",
+                                   "--out", str(tmp_path / "s")]))
+    assert notes(capsys.readouterr().out) == [f"note: this prompt is {n_mid} tokens with EOS, the DiT reads the first "
+                                              f"{text_len}: {mid[:40]!r}..."]
 
 
 def test_sample_cli_misuse(dit_run, tmp_path, monkeypatch):
@@ -659,10 +860,10 @@ def test_sample_cli_misuse(dit_run, tmp_path, monkeypatch):
         sample.main(sample.parse_args([*base, "--encoder", str(tmp_path / "noenc")]))
     one_line_naming(e, str(tmp_path / "noenc"), "file not found")
     other = str(tmp_path / "other_encoder")
-    rae.write_tiny_siglip2(other, ["red"], vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+    toy.write_tiny_siglip2(other, ["red"], vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                                        num_attention_heads=2, image_size=28, patch_size=14),
                            text=dict(hidden_size=48, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2))
-    cfg = json.loads(rae.read_metadata(os.path.join(dit_run, "dit.safetensors"))["dit_config"])
+    cfg = json.loads(ckpt.read_metadata(os.path.join(dit_run, "dit.safetensors"))["dit_config"])
     with pytest.raises(SystemExit) as e:
         sample.main(sample.parse_args([*base, "--encoder", other]))
     one_line_naming(e, other, "text tower is 48 wide", f"text_dim {cfg['text_dim']}", "pass the --encoder it was")

@@ -6,6 +6,7 @@ demand bitwise-equal weights: each process uses one thread (OMP_NUM_THREADS=1) s
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,34 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-DEC = ["--preset", "toy", "--steps", "6", "--batch", "4", "--save-every", "2", "--log-every", "1", "--eval-every", "3",
-       "--val-images", "4", "--disc-start", "2", "--gan-start", "3"]
-DIT = ["--preset", "toy", "--steps", "4", "--batch", "8", "--save-every", "2", "--log-every", "1", "--sample-every", "0"]
-
-
-def run(*args, check=True, **kw):
-    return subprocess.run([sys.executable, *args], cwd=HERE, env=ENV, check=check, capture_output=True, text=True, **kw)
-
-
-def torchrun(*args):
-    return run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args)
-
-
-def metrics(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def weights(out, key="model"):
-    return torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=True)[key]
-
-
-def assert_same(a, b):
-    assert a.keys() == b.keys()
-    bad = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not bad, f"{len(bad)} tensors differ, e.g. {bad[0]}"
+from conftest import DEC, DIT, ENV, HERE, assert_same, metrics, run, torchrun, weights
 
 
 def interrupt(script, args, out, sig, after_lines):
@@ -59,14 +33,7 @@ def interrupt(script, args, out, sig, after_lines):
     return p.wait(timeout=300), p.stdout.read()
 
 
-# ----------------------------------------------------------------------------- stage 1: the decoder
-@pytest.fixture(scope="module")
-def decoder_run(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("dec"))
-    r = run("train_decoder.py", *DEC, "--out", out)
-    return out, r.stdout
-
-
+# ----------------------------------------------------------------------------- stage 1: the decoder (conftest's decoder_run)
 def test_train_decoder_end_to_end(decoder_run):
     out, stdout = decoder_run
     rows = metrics(out)
@@ -97,14 +64,7 @@ def test_train_decoder_two_processes_gloo(tmp_path):
     assert os.path.exists(os.path.join(out, "ckpt.pt")) and len(metrics(out)) == 2
 
 
-# ----------------------------------------------------------------------------- stage 2: the DiT
-@pytest.fixture(scope="module")
-def dit_run(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("dit"))
-    run("train_dit.py", *DIT, "--out", out)
-    return out
-
-
+# ----------------------------------------------------------------------------- stage 2: the DiT (conftest's dit_run)
 @pytest.mark.parametrize("mode", ["ddp", "fsdp", "accum"])
 def test_train_dit_distributed_matches_one_process(dit_run, tmp_path, mode):
     """Global batch 8 as 2 ranks x 4 (DDP, FSDP2) or 2 micro-batches x 4 (accumulation): the same losses."""
@@ -178,11 +138,13 @@ def test_train_dit_cache_latents(tmp_path):
 
 
 def test_latent_cache_shards_round_trip(tmp_path):
-    """encode_latents on 2 ranks with 4-sample shards, write_manifest, LatentCache: every sample back in dataset
+    """latents.encode_dataset on 2 ranks with 4-sample shards, write_manifest, LatentCache: every sample back in dataset
     order (exact in float32, bfloat16-rounded in bfloat16), batches through infinite_batches, and each way a cache
     can be wrong (fields, count, a missing shard) is a one-line error naming the manifest."""
     import data
-    world = data.ToyWorld(size=28, length=11)
+    import latents
+    import toy
+    world = toy.ToyWorld(size=28, length=11)
 
     def encode(batch):  # a stand-in for the frozen towers: (B, 3, 28, 28) -> z (B, 4, 3), "text" (B, 2, 5)
         z = torch.nn.functional.avg_pool2d(batch["img"], 14).flatten(2).transpose(1, 2)
@@ -190,14 +152,14 @@ def test_latent_cache_shards_round_trip(tmp_path):
 
     for dtype in (torch.float32, torch.bfloat16):
         folder = str(tmp_path / str(dtype))
-        parts = [data.encode_latents(world, folder, encode, rank, 2, batch_size=3, dtype=dtype, shard_size=4)
+        parts = [latents.encode_dataset(world, folder, encode, rank, 2, batch_size=3, dtype=dtype, shard_size=4)
                  for rank in range(2)]
         assert [[s["count"] for s in p["shards"]] for p in parts] == [[4, 1], [4, 2]]  # slices [0, 5) and [5, 11)
         open(os.path.join(folder, "shard_002_00000.safetensors"), "w").close()  # left by an interrupted encode
         fields = dict(latent="toy", N=4, C=3, dtype=str(dtype))
-        data.write_manifest(folder, fields, parts)
+        latents.write_manifest(folder, fields, parts)
         assert not os.path.exists(os.path.join(folder, "shard_002_00000.safetensors"))
-        ds = data.LatentCache(folder, fields)
+        ds = latents.LatentCache(folder, fields)
         want = encode(data.collate([world[i] for i in range(11)]))
         assert len(ds) == 11 and [ds[i]["caption"] for i in range(11)] == [world[i]["caption"] for i in range(11)]
         for key in ("z", "text"):
@@ -208,15 +170,15 @@ def test_latent_cache_shards_round_trip(tmp_path):
 
     manifest = os.path.join(folder, "manifest.json")
     with pytest.raises(ValueError, match="^" + re.escape(f"{manifest}: field 'N' is 4 in the manifest but 256 in ")):
-        data.LatentCache(folder, dict(fields, N=256))
+        latents.LatentCache(folder, dict(fields, N=256))
     m = json.load(open(manifest))
     json.dump(dict(m, count=12), open(manifest, "w"))
     with pytest.raises(ValueError, match="^" + re.escape(f"{manifest}: field 'count' is 12 but its shard list holds 11")):
-        data.LatentCache(folder)
+        latents.LatentCache(folder)
     json.dump(m, open(manifest, "w"))
     os.remove(os.path.join(folder, "shard_001_00001.safetensors"))
     with pytest.raises(ValueError, match="shard_001_00001.safetensors: no such file"):
-        data.LatentCache(folder)
+        latents.LatentCache(folder)
 
 
 def test_connector_lr_param_groups():
@@ -249,7 +211,7 @@ def test_sample_writes_images_grid_latents_and_scores(decoder_run, dit_run, tmp_
     out = str(tmp_path / "samples")
     r = run("sample.py", "--ckpt", dit_run, "--decoder", os.path.join(decoder_run[0], "decoder.safetensors"),
             "--prompt", "a red circle on the left", "--prompt", "a blue square at the top", "--n", "2",
-            "--steps", "3", "--cfg", "2", "--out", out, "--save-latents", "--score")
+            "--steps", "3", "--guidance", "2", "--out", out, "--save-latents", "--score")
     from PIL import Image
     files = sorted(f for f in os.listdir(out) if f.endswith(".png"))
     assert files == ["0000.png", "0001.png", "0002.png", "0003.png", "grid.png"]

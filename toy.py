@@ -314,9 +314,9 @@ TOY_WINDOW = (2, 5)  # each toy text state adds the words 2 to 5 places before i
 def contextual_text_tower(model, word_dims=96, sharpness=0.2):
     """Rebuild the toy text tower (in place) so that every token state carries the words a few places before it, as
     a trained text tower's states carry their context: "left" in "a red circle on the left" then says "red circle".
-    A random tower cannot do this (its attention mixes all 64 positions alike): the left object's colour is 73%
-    readable from the state of "left" through it, 100% through this one (`python bench.py toy`), and the DiT's
-    connector, which has no positions of its own, can only bind a colour to an object through such states.
+    A random tower cannot do this (its attention mixes all 64 positions alike; `python bench.py toy` probes how well
+    the left object's colour reads from the state of "left" through each), and the DiT's connector, which has no
+    positions of its own, can only bind a colour to an object through such states.
     How: words live in the first word_dims channels, positions in the rest as sin/cos of 16 slow frequencies. Block
     0's queries are the position code rotated back by the window's centre, so attention peaks on the words
     TOY_WINDOW places back, and its values copy the word channels. The MLPs and block 1 are switched off; shapes and
