@@ -9,7 +9,7 @@ The RAE of arXiv 2510.11690, as Scale-RAE (arXiv 2601.16208) uses it for text-to
 Conventions: pixels `img` (B, 3, H, W) in [-1, 1] (SigLIP's mean = std = 0.5 normalization); latents `z` (B, N, C),
 N tokens in row-major patch order. Imports only torch, safetensors and this project's ckpt.py and tokenizer.py.
 
-    python rae.py                                   # smoke test: a tiny random SigLIP-2, encode, decode, score
+    python rae.py                                   # smoke test: a tiny random SigLIP-2 encoder, encode, decode
     python rae.py download google/siglip2-so400m-patch14-224 --out ckpt/siglip2-so400m-patch14-224
 """
 import json
@@ -89,14 +89,6 @@ def unpatchify(x, p):
     return x.reshape(B, 3, g * p, g * p)
 
 
-def noise_augment(z, tau, generator=None):
-    """RAE decoder-training augmentation: z + sigma * eps with sigma ~ tau * U(0, 1) per sample (tau = 0.8)."""
-    if tau <= 0:
-        return z
-    sigma = tau * torch.rand(z.shape[0], 1, 1, device=z.device, dtype=z.dtype, generator=generator)
-    return z + sigma * torch.randn(z.shape, device=z.device, dtype=z.dtype, generator=generator)
-
-
 def check_image(img, patch):
     """Reject a layout the towers would silently mis-read: not (B, 3, H, W) float, or sides not multiples of the
     patch. Python checks only, no device sync: it runs on every forward."""
@@ -111,7 +103,7 @@ def check_pixels(img, where="images"):
     """Reject pixels outside [-1, 1] (a [0, 255] or [0, 1] image encodes to a plausible but wrong latent). It reads
     the values (a device sync), so it runs once where images enter a program, not in a forward."""
     lo, hi = torch.aminmax(img.detach())
-    if lo < -1.001 or hi > 1.001:
+    if not (lo >= -1.001 and hi <= 1.001):  # written so that NaN, which fails every comparison, is refused too
         raise ValueError(f"{where}: pixels must be in [-1, 1] (got min {lo.item():.3g}, max {hi.item():.3g}); "
                          "map [0, 255] images with img / 127.5 - 1")
     return img
@@ -119,8 +111,7 @@ def check_pixels(img, where="images"):
 
 # ----------------------------------------------------------------------------- blocks and towers
 class Attention(nn.Module):
-    # One fused qkv projection: a single (D -> 3D) matmul instead of three; HF's q/k/v_proj are concatenated
-    # into it at load time (see the key map below).
+    # One fused (D -> 3D) qkv matmul instead of three: HF's q/k/v_proj are concatenated at load time (fuse_qkv).
     def __init__(self, dim, heads):
         super().__init__()
         self.heads = heads
@@ -132,7 +123,7 @@ class Attention(nn.Module):
         return self.proj(attention(q, k, v, self.heads))
 
 
-class MLP(nn.Module):
+class MLP(nn.Module):  # approximate: "tanh" (SigLIP's gelu_pytorch_tanh) or "none" (exact, the ViT-MAE decoder)
     def __init__(self, dim, hidden, approximate):
         super().__init__()
         self.fc1, self.fc2, self.approximate = nn.Linear(dim, hidden), nn.Linear(hidden, dim), approximate
@@ -214,10 +205,9 @@ class VisionTower(nn.Module):
         return out
 
     def pool(self, h):
-        """(B, N, D) block output -> (B, D) = HF pooler_output (post_layernorm, then MAP head).
-
-        Also works on an RAE latent z = LayerNorm(h) without affine: LayerNorm is idempotent, so
-        post_norm(z) == post_norm(h) up to eps. This is how generated latents are scored without decoding."""
+        """(B, N, D) block output -> (B, D) = HF pooler_output (post_layernorm, then MAP head). Also works on an RAE
+        latent z = LayerNorm(h) without affine: LayerNorm is idempotent, so post_norm(z) == post_norm(h) up to eps.
+        This is how generated latents are scored without decoding."""
         if self.head is None:
             raise ValueError("this checkpoint has vision_use_head=false: there is no pooled vision embedding")
         return self.head(self.post_norm(h))
@@ -256,15 +246,13 @@ class SigLIP2(nn.Module):
         super().__init__()
         self.vision = VisionTower(vision_cfg)
         self.text = TextTower(text_cfg) if text_cfg is not None else None
-        self.logit_scale = nn.Parameter(torch.zeros(1))
-        self.logit_bias = nn.Parameter(torch.zeros(1))
+        self.logit_scale, self.logit_bias = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
         self.tokenizer = None
 
     def logits(self, img_emb, txt_emb):
         """(Bi, P) and (Bt, P) pooled embeddings -> (Bi, Bt) logits; sigmoid(logit) is the match probability."""
-        img_emb = F.normalize(img_emb, dim=-1)
-        txt_emb = F.normalize(txt_emb, dim=-1)
-        return img_emb @ txt_emb.T * self.logit_scale.exp() + self.logit_bias
+        cosine = F.normalize(img_emb, dim=-1) @ F.normalize(txt_emb, dim=-1).T  # (Bi, Bt)
+        return cosine * self.logit_scale.exp() + self.logit_bias
 
     @torch.no_grad()
     def score(self, img, texts):
@@ -487,13 +475,17 @@ def load_siglip2(path, device=None, dtype=None, text=True):
     return model.eval().requires_grad_(False)
 
 
-def save_siglip2(path, model, tokenizer_json=None):
-    """Write `model` as a HF snapshot: model.safetensors in HF key names, config.json, [tokenizer.json]."""
-    ckpt.save_safetensors(os.path.join(path, "model.safetensors"), ours_to_hf(model.state_dict()),
-                          metadata={"format": "pt"})
+def save_siglip2(path, model, tokenizer_json=None, config=None):
+    """Write `model` as a HF snapshot: model.safetensors in HF key names, config.json (+ the fields of `config`),
+    [tokenizer.json]."""
+    os.makedirs(path, exist_ok=True)
+    text = model.text is not None  # a vision-only model (load_siglip2(text=False)) saves a vision-only snapshot
+    state = {k: t for k, t in model.state_dict().items() if text or not k.startswith("logit_")}
+    ckpt.save_safetensors(os.path.join(path, "model.safetensors"), ours_to_hf(state), metadata={"format": "pt"})
     config = {"model_type": "siglip", "initializer_factor": 1.0,
               "vision_config": {"model_type": "siglip_vision_model", **model.vision.cfg},
-              "text_config": {"model_type": "siglip_text_model", **model.text.cfg}}
+              **({"text_config": {"model_type": "siglip_text_model", **model.text.cfg}} if text else {}),
+              **(config or {})}
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     if tokenizer_json is not None:

@@ -7,7 +7,6 @@ schedule (training.lr_at) and one learning test on a known distribution.
 import copy
 import json
 import math
-import os
 import socket
 import types
 from dataclasses import asdict

@@ -17,7 +17,7 @@ import ckpt
 import rae
 import tokenizer
 import toy
-from conftest import one_line_naming
+from conftest import assert_same, one_line_naming
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -117,6 +117,61 @@ def test_written_checkpoint_is_real_hf_format(tmp_path):
     assert maxdiff(ours.score(img, ["A red circle", "the word \"cat\""]), out.logits_per_image) < 1e-4
 
 
+def test_save_siglip2_round_trip(pair, tmp_path):
+    """save_siglip2 writes a real HF snapshot: load_siglip2 gives back the very same model, and transformers'
+    SiglipModel loads the folder with exactly the weights and config of the model it came from."""
+    from transformers import SiglipModel
+    hf, ours, _ = pair
+    spec = tokenizer.gemma_tokenizer_json(["cat", "red"])
+    rae.save_siglip2(str(tmp_path), ours, tokenizer_json=spec, config={"toy_text_window": [2, 5]})
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert json.load(open(tmp_path / "config.json"))["toy_text_window"] == [2, 5]  # extra fields are kept
+    again = rae.load_siglip2(str(tmp_path))
+    assert_same(again.state_dict(), ours.state_dict())
+    img, ids = torch.rand(2, 3, 56, 56) * 2 - 1, torch.randint(0, 300, (2, 64))
+    h, t = again.vision(img), again.text(ids)
+    assert torch.equal(h, ours.vision(img)) and torch.equal(t, ours.text(ids))
+    assert torch.equal(again.logits(again.vision.pool(h), again.text.pool(t)),
+                       ours.logits(ours.vision.pool(h), ours.text.pool(t)))
+    assert again.tokenizer.encode("a red cat") == tokenizer.GemmaTokenizer(spec).encode("a red cat")
+    ref = SiglipModel.from_pretrained(str(tmp_path)).eval()
+    assert_same(dict(ref.named_parameters()), dict(hf.named_parameters()))
+    for sub, defaults in (("vision_config", rae.VISION_DEFAULTS), ("text_config", rae.TEXT_DEFAULTS)):
+        got, want = getattr(ref.config, sub), getattr(hf.config, sub)
+        assert {k: getattr(got, k) for k in defaults} == {k: getattr(want, k) for k in defaults}, sub
+
+
+def test_save_siglip2_creates_its_folder(pair, tmp_path):
+    """Like save_pretrained, save_siglip2 writes into a folder that does not exist yet."""
+    folder = str(tmp_path / "new" / "snap")
+    rae.save_siglip2(folder, pair[1])
+    assert sorted(os.listdir(folder)) == ["config.json", "model.safetensors"]
+    assert_same(rae.load_siglip2(folder).state_dict(), pair[1].state_dict())
+
+
+def test_save_siglip2_vision_only(pair, tmp_path):
+    """A vision-only model (load_siglip2(text=False)) saves as a vision-only snapshot: it loads back with text=False
+    and gives the same latents; with the text tower it fails in one line naming the missing text keys."""
+    v = rae.load_siglip2(pair[2], text=False)
+    rae.save_siglip2(str(tmp_path), v)
+    again = rae.load_siglip2(str(tmp_path), text=False)
+    img = torch.rand(2, 3, 56, 56) * 2 - 1
+    assert torch.equal(again.vision(img), v.vision(img))
+    with pytest.raises(ValueError) as e:
+        rae.load_siglip2(str(tmp_path))
+    one_line_naming(e, os.path.join(str(tmp_path), "model.safetensors"), "missing key 'text_model.")
+
+
+def test_sincos_2d_layout():
+    """rae.sincos_2d(grid, dim) (the argument order of dit.sincos_2d): MAE's layout, column half first."""
+    table = rae.sincos_2d(3, 8)
+    assert table.shape == (9, 8)
+    omega = 1.0 / 10000 ** (torch.arange(2) / 2)
+    def code(p):
+        return torch.cat([(p * omega).sin(), (p * omega).cos()])
+    assert torch.allclose(table[1 * 3 + 2], torch.cat([code(2.0), code(1.0)]), atol=1e-6)  # row 1, column 2
+
+
 def test_rae_latent_is_parameter_free_layernorm(pair, tmp_path):
     hf, ours, _ = pair
     img = torch.rand(4, 3, 56, 56) * 2 - 1
@@ -137,15 +192,6 @@ def test_rae_latent_is_parameter_free_layernorm(pair, tmp_path):
     zn = torch.cat([normed.encode(b) for b in batches]).reshape(-1, 64)
     assert maxdiff(zn.mean(0), torch.zeros(64)) < 1e-4 and maxdiff(zn.var(0, unbiased=False), torch.ones(64)) < 1e-3
     assert maxdiff(normed.unnormalize(normed.encode(batches[0])), model.encode(batches[0])) < 1e-4
-
-
-def test_noise_augment_sigma_per_sample():
-    z = torch.zeros(2000, 64, 64)  # 4096 values per sample: its std estimates sigma to ~1%
-    noisy = rae.noise_augment(z, 0.8, generator=torch.Generator().manual_seed(0))
-    sigma = noisy.std(dim=(1, 2))  # each sample's own sigma ~ U(0, 0.8)
-    assert sigma.max() < 0.84 and sigma.min() < 0.01
-    assert abs(sigma.mean().item() - 0.4) < 0.02 and abs(sigma.var().item() - 0.64 / 12) < 0.005
-    assert rae.noise_augment(z, 0.0) is z
 
 
 # ----------------------------------------------------------------------------- decoder
@@ -186,9 +232,9 @@ def corrupt_copy(src, dst, edit):
     return str(dst)
 
 
-def rewrite_weights(fn):
+def rewrite_weights(fn, file="model.safetensors"):
     def edit(d):
-        path = os.path.join(d, "model.safetensors")
+        path = os.path.join(d, file)
         state = load_file(path)
         fn(state)
         save_file(state, path)
@@ -210,39 +256,113 @@ def set_model_type(t):
 
 
 K = "vision_model.encoder.layers.0.self_attn.q_proj.weight"
-BAD_SNAPSHOTS = {
-    "missing config": (lambda d: os.remove(os.path.join(d, "config.json")), r"config\.json: file not found"),
-    "missing weights": (lambda d: os.remove(os.path.join(d, "model.safetensors")), r"model\.safetensors: file not found"),
-    "missing key": (rewrite_weights(lambda s: s.pop(K)), r"incomplete attention.*q_proj"),
-    "missing tensor": (rewrite_weights(lambda s: s.pop("text_model.head.bias")), r"missing key.*text\.head\.bias"),
-    "unexpected key": (rewrite_weights(lambda s: s.update(extra=torch.zeros(1))), r"unexpected key 'extra'"),
-    "wrong shape": (rewrite_weights(lambda s: s.update({K: torch.zeros(64, 63)})), r"'.*q_proj.weight' has shape \(64, 63\)"),
-    "wrong dtype": (rewrite_weights(lambda s: s.update({K: s[K].long()})), r"'.*q_proj.weight' has dtype torch.int64"),
-    "truncated": (truncate, r"model\.safetensors: (truncated|not a safetensors)"),
-    "not safetensors": (lambda d: open(os.path.join(d, "model.safetensors"), "wb").write(b"x" * 100), r"not a safetensors"),
-    "unknown model_type": (set_model_type("clip"), r"unknown model_type 'clip'"),
-    "naflex": (set_model_type("siglip2"), r"NaFlex.*not supported yet"),
+K2 = "text_model.encoder.layers.1.mlp.fc2.weight"
+BAD_SNAPSHOTS = {  # name: (edit of the folder, the file the line names, what else it says)
+    "missing config": (lambda d: os.remove(os.path.join(d, "config.json")), "config.json", r"config\.json: file not found"),
+    "missing weights": (lambda d: os.remove(os.path.join(d, "model.safetensors")), "model.safetensors",
+                        r"model\.safetensors: file not found"),
+    "missing key": (rewrite_weights(lambda s: s.pop(K)), "model.safetensors", rf"missing key '{K}'"),
+    "missing tensor": (rewrite_weights(lambda s: s.pop("text_model.head.bias")), "model.safetensors",
+                       r"missing key 'text_model\.head\.bias'"),
+    "unexpected key": (rewrite_weights(lambda s: s.update(extra=torch.zeros(1))), "model.safetensors",
+                       r"unexpected key 'extra'"),
+    "wrong shape": (rewrite_weights(lambda s: s.update({K: torch.zeros(64, 63)})), "model.safetensors",
+                    rf"'{K}' has shape \(64, 63\), expected \(64, 64\)"),
+    "wrong dtype": (rewrite_weights(lambda s: s.update({K: s[K].long()})), "model.safetensors",
+                    rf"'{K}' has dtype torch.int64"),
+    "truncated": (truncate, "model.safetensors", r"model\.safetensors: (truncated|not a safetensors)"),
+    "not safetensors": (lambda d: open(os.path.join(d, "model.safetensors"), "wb").write(b"x" * 100),
+                        "model.safetensors", r"not a safetensors"),
+    "unknown model_type": (set_model_type("clip"), "config.json", r"unknown model_type 'clip'"),
+    "naflex": (set_model_type("siglip2"), "config.json", r"NaFlex.*not supported yet"),
 }
 
 
 @pytest.mark.parametrize("case", BAD_SNAPSHOTS)
 def test_bad_snapshot_errors(case, pair, tmp_path):
-    edit, pattern = BAD_SNAPSHOTS[case]
+    edit, file, pattern = BAD_SNAPSHOTS[case]
     folder = corrupt_copy(pair[2], tmp_path / "snap", edit)
     with pytest.raises((ValueError, FileNotFoundError), match=pattern) as e:
         rae.load_siglip2(folder)
-    assert "\n" not in str(e.value) and folder in str(e.value)
+    one_line_naming(e, os.path.join(folder, file))
+
+
+def test_bad_snapshot_reports_every_key(pair, tmp_path):
+    """Several bad keys at once: ONE one-line error that names model.safetensors and each key, in HF's names."""
+    def edit(s):
+        s.pop(K)
+        s[K2] = torch.zeros(48, 95)
+        s["vision_model.head.extra"] = torch.zeros(1)
+        s["logit_bias"] = s["logit_bias"].long()
+    folder = corrupt_copy(pair[2], tmp_path / "snap", rewrite_weights(edit))
+    with pytest.raises(ValueError) as e:
+        rae.load_siglip2(folder)
+    one_line_naming(e, os.path.join(folder, "model.safetensors"), f"missing key '{K}'",
+                    f"key '{K2}' has shape (48, 95), expected (48, 96)", "unexpected key 'vision_model.head.extra'",
+                    "key 'logit_bias' has dtype torch.int64")
+    # text=False does not read the text tower: its bad key is no longer reported, the vision ones still are
+    with pytest.raises(ValueError) as e:
+        rae.load_siglip2(folder, text=False)
+    one_line_naming(e, os.path.join(folder, "model.safetensors"), f"missing key '{K}'",
+                    "unexpected key 'vision_model.head.extra'")
+    assert K2 not in str(e.value) and "logit_bias" not in str(e.value)
+
+
+def test_bad_sharded_snapshot_names_the_index(tmp_path):
+    """In a sharded snapshot the keys of all shards are checked together; the line names the index file."""
+    folder = str(tmp_path / "sharded")
+    hf_siglip(folder, max_shard_size="100KB")
+    index = os.path.join(folder, "model.safetensors.index.json")
+    weight_map = json.load(open(index))["weight_map"]
+    shards = sorted(set(weight_map.values()))
+    assert len(shards) > 1
+    gone = min(k for k, f in weight_map.items() if f == shards[0])
+    rewrite_weights(lambda s: s.pop(gone), shards[0])(folder)
+    rewrite_weights(lambda s: s.update(extra=torch.zeros(1)), shards[-1])(folder)
+    with pytest.raises(ValueError) as e:
+        rae.load_siglip2(folder)
+    one_line_naming(e, index, f"missing key '{gone}'", "unexpected key 'extra'")
 
 
 @pytest.mark.parametrize("img,pattern", [
-    (torch.rand(1, 3, 56, 56) * 255, r"pixels must be in \[-1, 1\]"),
     (torch.rand(3, 56, 56), r"expected a float image tensor \(B, 3, H, W\)"),
     (torch.rand(1, 4, 56, 56), r"expected a float image tensor"),
+    ((torch.rand(1, 3, 56, 56) * 255).to(torch.uint8), r"expected a float image tensor"),
     (torch.rand(1, 3, 50, 56), r"not a multiple of the patch size 14"),
 ])
 def test_bad_image_errors(pair, img, pattern):
     with pytest.raises(ValueError, match=pattern):
         pair[1].vision(img)
+
+
+@pytest.mark.parametrize("img", [torch.rand(2, 3, 8, 8) * 255, (torch.rand(2, 3, 8, 8) * 255).to(torch.uint8),
+                                 torch.full((1, 3, 8, 8), -1.5), torch.full((1, 3, 8, 8), float("nan"))],
+                         ids=["0-255", "uint8", "below -1", "nan"])
+def test_check_pixels_refuses_values_outside_the_range(img):
+    with pytest.raises(ValueError, match=r"pixels must be in \[-1, 1\]") as e:
+        rae.check_pixels(img, where="train batch 0")
+    one_line_naming(e, "train batch 0")
+    good = torch.rand(2, 3, 8, 8) * 2 - 1
+    assert rae.check_pixels(good) is good and rae.check_pixels(torch.ones(1, 3, 2, 2)) is not None
+
+
+def test_forward_does_not_read_pixel_values(pair, monkeypatch):
+    """The range check left the forward (it synced the device on every call): the vision tower, its features and
+    RAE.encode run without torch.aminmax and on the meta device (where any read of a value fails), and accept a
+    [0, 255] image (check_pixels, run once where images enter a program, refuses it). Layout is still checked."""
+    def no_sync(*a, **k):
+        raise AssertionError("torch.aminmax called in a forward")
+    monkeypatch.setattr(torch, "aminmax", no_sync)
+    img = torch.rand(2, 3, 56, 56) * 255
+    assert pair[1].vision(img).shape == (2, 16, 64)
+    assert rae.RAE(pair[1].vision).encode(img).shape == (2, 16, 64)
+    assert [f.shape for f in pair[1].vision.features(img, [0, 1])] == [(2, 16, 64)] * 2
+    with torch.device("meta"):
+        meta = rae.SigLIP2(pair[1].vision.cfg)
+    assert meta.vision(torch.empty(2, 3, 56, 56, device="meta")).shape == (2, 16, 64)
+    assert meta.vision(torch.empty(1, 3, 84, 70, device="meta")).shape == (1, 30, 64)  # interpolated positions
+    with pytest.raises(ValueError, match="not a multiple of the patch size 14"):
+        meta.vision(torch.empty(1, 3, 50, 56, device="meta"))
 
 
 def test_bad_decoder_and_stats_files(tmp_path):
@@ -257,6 +377,21 @@ def test_bad_decoder_and_stats_files(tmp_path):
     rae.save_decoder(str(tmp_path / "d.safetensors"), dec)
     with pytest.raises(ValueError, match=r"decoder expects latents \(B, 4, 8\)"):
         dec(torch.zeros(1, 4, 9))
+
+
+@pytest.mark.parametrize("state,needles", [
+    ({"mean": torch.zeros(5)}, ["missing key 'var'", "key 'mean' has shape (5,), expected (3,) or (4, 3)"]),
+    ({"mean": torch.zeros(()), "var": torch.full((3,), float("nan"))},
+     ["key 'mean' has shape ()", "key 'var' has non-finite entries"]),
+    ({"mean": torch.zeros(3), "var": -torch.ones(3), "x": torch.zeros(3)},
+     ["unexpected key 'x'", "key 'var' has negative entries"]),
+], ids=["missing + shape", "scalar + nan", "unexpected + negative"])
+def test_latent_stats_report_every_problem(tmp_path, state, needles):
+    path = str(tmp_path / "stats.safetensors")
+    save_file(state, path)
+    with pytest.raises(ValueError) as e:
+        rae.load_latent_stats(path, 3, tokens=4)
+    one_line_naming(e, path, *needles)
 
 
 # ----------------------------------------------------------------------------- real shapes (slow)

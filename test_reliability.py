@@ -1,12 +1,17 @@
 """Reliability of the whole pipeline: interrupted runs, bad files and bad inputs (CPU, tiny, seconds each).
 
 - kill -9, SIGTERM and SIGUSR1 at seeded random points, then --resume: bit for bit the uninterrupted run.
-- A checkpoint write that fails halfway (a full disk) keeps the previous ckpt.pt, and --resume is still exact.
-- A NaN or inf loss stops the run with one line, and what is on disk is the last good step.
+- A checkpoint write that fails halfway (a full disk) keeps the previous ckpt.pt, leaves no .tmp behind, and
+  --resume is still exact.
+- A NaN or inf loss, or a non-finite gradient norm, stops the run with one line before the optimizer step, and what
+  is on disk is the last good step.
+- --resume refuses a bad ckpt.pt, another model, a changed --batch / --grad-accum, naming every problem in one
+  line before any step; a changed --lr / --steps is allowed and printed.
 - Every loader refuses truncated files, wrong shapes, missing and extra keys, wrong dtypes and mismatched configs
   with one line naming the file and the key. Cases test_rae.py and test_vae.py already cover are not repeated:
   the FLUX VAE has all six there, SigLIP-2 all but the config ones.
-- CLI misuse gives a clear error or a documented behaviour.
+- CLI misuse, a stale toy encoder folder, a corrupt latent cache manifest give a clear error or a documented
+  behaviour.
 Runs that depend on the process (signals, torchrun) are subprocesses. The others call main(parse_args([...])) here,
 on one thread like the subprocesses (OMP_NUM_THREADS=1), so that both sum floats in the same order and bitwise
 comparisons between them hold.

@@ -5,8 +5,6 @@ demand bitwise-equal weights: each process uses one thread (OMP_NUM_THREADS=1) s
 """
 import json
 import os
-import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import train_decoder
 from conftest import DEC, DIT, ENV, HERE, assert_same, metrics, run, torchrun, weights
 
 
@@ -137,50 +136,6 @@ def test_train_dit_cache_latents(tmp_path):
         f"ValueError: {cache}/manifest.json: field 'N' is 999 in the manifest but 64 in this run (delete {cache} ")
 
 
-def test_latent_cache_shards_round_trip(tmp_path):
-    """latents.encode_dataset on 2 ranks with 4-sample shards, write_manifest, LatentCache: every sample back in dataset
-    order (exact in float32, bfloat16-rounded in bfloat16), batches through infinite_batches, and each way a cache
-    can be wrong (fields, count, a missing shard) is a one-line error naming the manifest."""
-    import data
-    import latents
-    import toy
-    world = toy.ToyWorld(size=28, length=11)
-
-    def encode(batch):  # a stand-in for the frozen towers: (B, 3, 28, 28) -> z (B, 4, 3), "text" (B, 2, 5)
-        z = torch.nn.functional.avg_pool2d(batch["img"], 14).flatten(2).transpose(1, 2)
-        return dict(z=z, text=z[:, :2, :1].expand(-1, -1, 5) + 1)
-
-    for dtype in (torch.float32, torch.bfloat16):
-        folder = str(tmp_path / str(dtype))
-        parts = [latents.encode_dataset(world, folder, encode, rank, 2, batch_size=3, dtype=dtype, shard_size=4)
-                 for rank in range(2)]
-        assert [[s["count"] for s in p["shards"]] for p in parts] == [[4, 1], [4, 2]]  # slices [0, 5) and [5, 11)
-        open(os.path.join(folder, "shard_002_00000.safetensors"), "w").close()  # left by an interrupted encode
-        fields = dict(latent="toy", N=4, C=3, dtype=str(dtype))
-        latents.write_manifest(folder, fields, parts)
-        assert not os.path.exists(os.path.join(folder, "shard_002_00000.safetensors"))
-        ds = latents.LatentCache(folder, fields)
-        want = encode(data.collate([world[i] for i in range(11)]))
-        assert len(ds) == 11 and [ds[i]["caption"] for i in range(11)] == [world[i]["caption"] for i in range(11)]
-        for key in ("z", "text"):
-            got = torch.stack([ds[i][key] for i in range(11)])
-            assert got.dtype == torch.float32 and torch.equal(got, want[key].to(dtype).float())
-        _, _, batch = next(data.infinite_batches(ds, 4, rank=1, world_size=2))
-        assert batch["z"].shape == (4, 4, 3) and batch["text"].shape == (4, 2, 5) and len(batch["caption"]) == 4
-
-    manifest = os.path.join(folder, "manifest.json")
-    with pytest.raises(ValueError, match="^" + re.escape(f"{manifest}: field 'N' is 4 in the manifest but 256 in ")):
-        latents.LatentCache(folder, dict(fields, N=256))
-    m = json.load(open(manifest))
-    json.dump(dict(m, count=12), open(manifest, "w"))
-    with pytest.raises(ValueError, match="^" + re.escape(f"{manifest}: field 'count' is 12 but its shard list holds 11")):
-        latents.LatentCache(folder)
-    json.dump(m, open(manifest, "w"))
-    os.remove(os.path.join(folder, "shard_001_00001.safetensors"))
-    with pytest.raises(ValueError, match="shard_001_00001.safetensors: no such file"):
-        latents.LatentCache(folder)
-
-
 def test_connector_lr_param_groups():
     """--connector-lr: dit.py's text connector in its own param group, following the same warmup + cosine scaled
     to its own peak; without the flag one group, as before."""
@@ -239,6 +194,37 @@ def test_sample_image_depends_on_seed_and_index_not_on_batch(dit_run, tmp_path):
     assert not torch.allclose(z, latents("--batch", "3", "--seed", "1"))
 
 
+def test_generate_in_process_equals_sample_py(dit_run, tmp_path):
+    """sample.generate called here on the dit_run export (dit.load_dit + toy.load_encoder) gives sample.py
+    --save-latents' latents bit for bit, for the same prompts (--n repeats each), seed, steps and guidance flags.
+    (The long-prompt note and a resume with a new --lr or --batch: test_reliability.py.)"""
+    import ckpt
+    import dit
+    import sample
+    import toy
+    prompts = ["a blue square at the top", "a red circle on the left and a green star on the right"]
+    flags = dict(seed=3, steps=3, guidance=2.0, guidance_interval=(0.0, 0.7))
+    out = str(tmp_path / "s")
+    run("sample.py", "--ckpt", dit_run, *sum((["--prompt", p] for p in prompts), []), "--n", "2",
+        "--seed", "3", "--steps", "3", "--guidance", "2", "--guidance-interval", "0", "0.7",
+        "--save-latents", "--out", out)
+    model, meta = dit.load_dit(dit_run)
+    siglip = toy.load_encoder(meta["encoder"], folder=os.path.join(HERE, "toy_encoder"))
+    saved = load_file(os.path.join(out, "latents.safetensors"))["z"]
+    repeated = [p for p in prompts for _ in range(2)]
+    assert json.loads(ckpt.read_metadata(os.path.join(out, "latents.safetensors"))["prompts"]) == repeated
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the subprocess (OMP_NUM_THREADS=1): the same float sums
+    try:
+        z = sample.generate(model, siglip, repeated, float(meta["alpha"]), progress=False, **flags)
+        unguided = sample.generate(model, siglip, repeated, float(meta["alpha"]), progress=False,
+                                   **dict(flags, guidance=1.0))
+    finally:
+        torch.set_num_threads(threads)
+    assert saved.shape == z.shape == (4, 64, 128) and torch.equal(z, saved)
+    assert not torch.allclose(unguided, saved)  # the guidance flags reached the sampler
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--prompt", "x"], "--ckpt is required"),
     (["--ckpt", "nowhere", "--steps", "-1"], "--steps, --n and --batch must be positive"),
@@ -261,3 +247,12 @@ def test_vae_latent_baseline_trains_and_samples(tmp_path):
     run("sample.py", "--ckpt", out, "--prompt", "a red circle", "--steps", "2", "--out", str(tmp_path / "s"))
     from PIL import Image
     assert Image.open(tmp_path / "s" / "0000.png").size == (256, 256)
+
+
+def test_noise_augment_sigma_per_sample():
+    z = torch.zeros(2000, 64, 64)  # 4096 values per sample: its std estimates sigma to ~1%
+    noisy = train_decoder.noise_augment(z, 0.8, generator=torch.Generator().manual_seed(0))
+    sigma = noisy.std(dim=(1, 2))  # each sample's own sigma ~ U(0, 0.8)
+    assert sigma.max() < 0.84 and sigma.min() < 0.01
+    assert abs(sigma.mean().item() - 0.4) < 0.02 and abs(sigma.var().item() - 0.64 / 12) < 0.005
+    assert train_decoder.noise_augment(z, 0.0) is z

@@ -13,7 +13,7 @@ from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
 from safetensors.torch import load_file, save_file
 
-from vae import FluxVAE, VAEConfig, diffusers_key, load_flux_vae, patchify, unpatchify, write_tiny_flux_vae
+from vae import FluxVAE, VAEConfig, diffusers_key, load_flux_vae, pack, unpack, write_tiny_flux_vae
 
 SMALL = (32, 64, 64, 64)  # reduced widths for the fast tests; GroupNorm keeps FLUX's 32 groups
 FULL = (128, 256, 512, 512)
@@ -180,15 +180,15 @@ def test_sample_matches_mean_plus_std_eps(small_bfl):
     assert (z - other_seed).abs().max() > 1e-3
 
 
-# ----------------------------------------------------------------------------- patchify
-def test_patchify_matches_flux_packing():
+# ----------------------------------------------------------------------------- pack / unpack
+def test_pack_matches_flux_packing():
     B, C, h, w = 2, 16, 6, 10
     z = torch.randn(B, C, h, w)
-    tokens = patchify(z)
+    tokens = pack(z)
     assert tokens.shape == (B, (h // 2) * (w // 2), 64)
     assert torch.equal(tokens, FluxPipeline._pack_latents(z, B, C, h, w))
-    assert torch.equal(unpatchify(tokens, h, w), z)
-    assert torch.equal(unpatchify(tokens, h, w), FluxPipeline._unpack_latents(tokens, 8 * h, 8 * w, 8))
+    assert torch.equal(unpack(tokens, h, w), z)
+    assert torch.equal(unpack(tokens, h, w), FluxPipeline._unpack_latents(tokens, 8 * h, 8 * w, 8))
     # the layout written out: token r * (w/2) + s, feature c*4 + ph*2 + pw holds z[b, c, 2r + ph, 2s + pw]
     b, c, r, s, ph, pw = 1, 5, 2, 3, 1, 0
     assert tokens[b, r * (w // 2) + s, c * 4 + ph * 2 + pw] == z[b, c, 2 * r + ph, 2 * s + pw]
@@ -201,9 +201,10 @@ def test_bad_inputs():
              (vae.encode, (torch.zeros(1, 4, 64, 64),), r"\(B, 3, H, W\)"),
              (vae.encode, (torch.zeros(3, 64, 64),), "got shape"),
              (vae.decode, (torch.zeros(1, 4, 8, 8),), r"\(B, 16, h, w\)"),
-             (patchify, (torch.zeros(1, 16, 7, 8),), "even h and w"),
-             (unpatchify, (torch.zeros(1, 12, 64), 8, 8), r"\(B, 16, 4C\)"),
-             (unpatchify, (torch.zeros(1, 16, 64), 7, 8), "even")]
+             (pack, (torch.zeros(1, 16, 7, 8),), "even h and w"),
+             (unpack, (torch.zeros(1, 12, 64), 8, 8), r"\(B, 16, 4C\)"),
+             (unpack, (torch.zeros(1, 16, 64), 7, 8), "even"),
+             (unpack, (torch.zeros(1, 16, 62), 8, 8), r"unpack: expected tokens \(B, 16, 4C\)")]
     for fn, fn_args, message in cases:
         with pytest.raises(ValueError, match=message):
             fn(*fn_args)

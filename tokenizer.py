@@ -5,7 +5,7 @@ by rank, byte fallback to <0xHH>, fused <unk>, added tokens matched before norma
 `tokenizers.Tokenizer.encode(text, add_special_tokens=False).ids`; called on a list of texts it makes SigLIP-2's text
 input (lowercase, 63 tokens + EOS, right-padded to 64). `gemma_tokenizer_json` writes a Gemma-format file whose
 vocabulary spells each word of a list as one token: the tokenizer of the toy encoder and of the tests.
-Imports only torch. Tests: python -m pytest -q test_rae.py -k tokenizer
+Imports only torch. Tests: python -m pytest -q test_tokenizer.py
 """
 import heapq
 import json
@@ -64,27 +64,28 @@ class GemmaTokenizer:
 
     def _check(self, spec):
         """The parts of tokenizer.json this class reads, checked: a foreign or hand-edited file fails here with one
-        line naming the key, not later inside the BPE loop."""
-        def need(ok, what):
-            if not ok:
-                raise ValueError(f"{self.path}: {what}")
-        need(isinstance(spec, dict) and isinstance(spec.get("model"), dict), "missing key 'model' (not a tokenizer.json)")
-        model = spec["model"]
-        need(model.get("type") == "BPE", f"key 'model.type' is {model.get('type')!r}, only 'BPE' is supported")
-        vocab = model.get("vocab")
-        need(isinstance(vocab, dict) and all(type(i) is int and i >= 0 for i in vocab.values()),
-             "key 'model.vocab' must map each token to an integer id")
-        need(isinstance(model.get("merges"), list), "key 'model.merges' must be a list")
-        merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
-        bad = next((m for m in merges if not (isinstance(m, list) and len(m) == 2 and all(isinstance(s, str) for s in m))),
-                   None)
-        need(bad is None, f"key 'model.merges' has an entry that is not a pair of tokens: {bad!r}")
-        for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix"):  # each would change the ids
-            need(model.get(key) is None, f"key 'model.{key}' is {model.get(key)!r}; only null is supported")
-        added = spec.get("added_tokens") or []
-        need(isinstance(added, list) and all(isinstance(t, dict) and isinstance(t.get("content"), str) and
+        message naming every bad key, not later inside the BPE loop."""
+        model = spec.get("model") if isinstance(spec, dict) else None
+        if not isinstance(model, dict):
+            raise ValueError(f"{self.path}: missing key 'model' (not a tokenizer.json)")
+        vocab, merges, added = model.get("vocab"), model.get("merges"), spec.get("added_tokens") or []
+        merges = [m.split(" ") if isinstance(m, str) else m for m in merges] if isinstance(merges, list) else None
+        bad_merge = next((m for m in merges or [] if not (isinstance(m, list) and len(m) == 2 and
+                                                          all(isinstance(s, str) for s in m))), None)
+        checks = [
+            (model.get("type") == "BPE", f"key 'model.type' is {model.get('type')!r}, only 'BPE' is supported"),
+            (isinstance(vocab, dict) and all(type(i) is int and i >= 0 for i in vocab.values()),
+             "key 'model.vocab' must map each token to an integer id"),
+            (merges is not None, "key 'model.merges' must be a list"),
+            (bad_merge is None, f"key 'model.merges' has an entry that is not a pair of tokens: {bad_merge!r}"),
+            *((model.get(k) is None, f"key 'model.{k}' is {model.get(k)!r}; only null is supported")  # each would
+              for k in ("dropout", "continuing_subword_prefix", "end_of_word_suffix")),  # change the ids
+            (isinstance(added, list) and all(isinstance(t, dict) and isinstance(t.get("content"), str) and
                                              type(t.get("id")) is int for t in added),
-             "key 'added_tokens' must be a list of {\"content\": str, \"id\": int, ...}")
+             "key 'added_tokens' must be a list of {\"content\": str, \"id\": int, ...}")]
+        problems = [what for ok, what in checks if not ok]
+        if problems:
+            raise ValueError(f"{self.path}: {'; '.join(problems)}")
         return model, merges, added
 
     def _flatten(self, node, kind):

@@ -352,11 +352,9 @@ def contextual_text_tower(model, word_dims=96, sharpness=0.2):
     return model
 
 
-def write_tiny_siglip2(path, words, vision=None, text=None, seed=0):
-    """Write a random-weight SigLIP-2 snapshot in the real HF format: config.json, model.safetensors (HF key
-    names and layouts) and a Gemma-format tokenizer.json over `words`. vision/text override config fields.
-    The tests and the toy encoder load it through `load_siglip2`, the very path of a downloaded checkpoint."""
-    os.makedirs(path, exist_ok=True)
+def tiny_siglip2(words, vision=None, text=None, seed=0):
+    """A random-weight SigLIP-2 (lecun-normal matrices, small random norms and biases) and a Gemma-format
+    tokenizer.json over `words`: (model, tokenizer spec). vision/text override config fields."""
     tok = tokenizer.gemma_tokenizer_json(words)
     small = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
     vision_cfg = {**rae.VISION_DEFAULTS, **small, "image_size": 224, "patch_size": 14, **(vision or {})}
@@ -364,7 +362,7 @@ def write_tiny_siglip2(path, words, vision=None, text=None, seed=0):
     g = torch.Generator().manual_seed(seed)
     model = rae.SigLIP2(vision_cfg, text_cfg)
     with torch.no_grad():
-        for name, p in model.named_parameters():  # lecun-normal matrices, small random norms/biases
+        for name, p in model.named_parameters():
             if p.ndim >= 2 and "pos_embed" not in name:
                 p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p[0].numel()))
             elif "norm" in name and name.endswith("weight"):
@@ -373,7 +371,13 @@ def write_tiny_siglip2(path, words, vision=None, text=None, seed=0):
                 p.copy_(0.02 * torch.randn(p.shape, generator=g))
         model.logit_scale.fill_(math.log(10.0))
         model.logit_bias.fill_(-10.0)
-    rae.save_siglip2(path, model, tok)
+    return model, tok
+
+
+def write_tiny_siglip2(path, words, vision=None, text=None, seed=0):
+    """Write `tiny_siglip2` as a snapshot in the real HF format (config.json, model.safetensors, tokenizer.json): the
+    tests load it through rae.load_siglip2, the very path of a downloaded checkpoint."""
+    rae.save_siglip2(path, *tiny_siglip2(words, vision, text, seed))
 
 
 def write_toy_encoder(path, size=112):
@@ -381,18 +385,16 @@ def write_toy_encoder(path, size=112):
     a folder. 112 px with patch 14 is an 8 x 8 grid: at 224 px (256 tokens) the CPU demo's decoder and DiT cost 4x
     as much per image and do not fit its budget. The vision tower is random; the text tower is built
     (contextual_text_tower)."""
+    model, tok = tiny_siglip2(toy_vocab(), vision=dict(TOY_VISION, image_size=size), text=TOY_TEXT, seed=0)
     tmp = f"{path}.tmp{os.getpid()}"
-    write_tiny_siglip2(tmp, toy_vocab(), vision=dict(TOY_VISION, image_size=size), text=TOY_TEXT, seed=0)
-    model = contextual_text_tower(rae.load_siglip2(tmp))
-    rae.save_siglip2(tmp, model)
-    with open(os.path.join(tmp, "config.json")) as f:
-        config = json.load(f)
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump({**config, "toy_text_window": list(TOY_WINDOW)}, f, indent=2)
     try:
+        rae.save_siglip2(tmp, contextual_text_tower(model), tok, config={"toy_text_window": list(TOY_WINDOW)})
         os.rename(tmp, path)
-    except OSError:  # another rank won the race
-        shutil.rmtree(tmp)
+    except OSError:  # another rank won the race (the rename finds `path` there), or the write failed
+        if not os.path.isdir(path):
+            raise
+    finally:  # no temp folder is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_encoder(path=None, text=True, size=112, folder="toy_encoder"):
@@ -403,9 +405,13 @@ def load_encoder(path=None, text=True, size=112, folder="toy_encoder"):
     path = folder
     if not os.path.exists(path):
         write_toy_encoder(path, size)
-    with open(os.path.join(path, "config.json")) as f:
-        config = json.load(f)
-    if config.get("toy_text_window") != list(TOY_WINDOW) or config["vision_config"]["image_size"] != size:
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+        stale = config.get("toy_text_window") != list(TOY_WINDOW) or config["vision_config"]["image_size"] != size
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # a broken or half-deleted folder
+        stale = True
+    if stale:
         raise ValueError(f"{os.path.abspath(path)} holds a toy encoder of an older version or another size: delete "
                          f"that folder, and it is written again")
     return rae.load_siglip2(path, text=text)

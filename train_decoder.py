@@ -95,6 +95,14 @@ def perceptual_loss(encoder, layers, recon, img):
     return loss / len(layers)
 
 
+def noise_augment(z, tau, generator=None):
+    """RAE decoder-training augmentation: z + sigma * eps with sigma ~ tau * U(0, 1) per sample (tau = 0.8)."""
+    if tau <= 0:
+        return z
+    sigma = tau * torch.rand(z.shape[0], 1, 1, device=z.device, dtype=z.dtype, generator=generator)
+    return z + sigma * torch.randn(z.shape, device=z.device, dtype=z.dtype, generator=generator)
+
+
 def diff_augment(x, generator):
     """DiffAugment as in RAE (from StyleGAN-T): brightness, saturation, contrast, and an integer translation
     of up to 1/8 of the size with zero fill; differentiable, per-sample randomness. x in [-1, 1]."""
@@ -240,7 +248,7 @@ def train_step(args, run, m, opts, wrapped, ae, taps, img, step):
     m["decoder"].train()
     zero = torch.zeros((), device=run.device)
     with run.autocast():
-        z = rae.noise_augment(ae.encode(img), args.noise_tau, generator=gen)  # (B, N, C)
+        z = noise_augment(ae.encode(img), args.noise_tau, generator=gen)  # (B, N, C)
         recon = wrapped["decoder"](z).float()  # (B, 3, H, W)
         l1 = (recon - img).abs().mean() / 2  # L1 on [0, 1] pixels, as RAE
         perc = perceptual_loss(ae.encoder, taps, recon, img) if args.perceptual_weight > 0 else zero
