@@ -37,16 +37,21 @@ def timeit(fn, warmup=1, iters=3):
 
 
 def interleaved(fns, iters=3):
-    """Median wall times of several functions timed in turn (one warmup each), for fair side-by-side numbers."""
+    """Wall times of several functions timed in turn, the order rotated every round so that none always runs first
+    (one warmup each): a list per function of `iters` times. Load on a shared machine then hits all of them alike."""
     for fn in fns:
         fn()
     times = [[] for _ in fns]
-    for _ in range(iters):
-        for fn, ts in zip(fns, times):
+    for r in range(iters):
+        for i in [(r + k) % len(fns) for k in range(len(fns))]:
             t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-    return [sorted(ts)[len(ts) // 2] for ts in times]
+            fns[i]()
+            times[i].append(time.perf_counter() - t0)
+    return times
+
+
+def median(ts):
+    return sorted(ts)[len(ts) // 2]
 
 
 # ----------------------------------------------------------------------------- rae: SigLIP-2 encoder
@@ -65,17 +70,19 @@ def bench_rae(args):
         json.dump({"model_type": "siglip", "vision_config": cfg}, open(os.path.join(d, "config.json"), "w"))
         ours = rae.load_siglip2(d, text=False).vision
     img = torch.rand(args.batch, 3, 224, 224) * 2 - 1
+    m = getattr(hf, "vision_model", hf)  # transformers 5 flattened SiglipVisionModel: no vision_model wrapper
+    hf_latent = lambda: m.encoder(inputs_embeds=m.embeddings(img)).last_hidden_state  # the same work as ours(img)
     with torch.no_grad():
-        diff = (ours(img) - hf(img, output_hidden_states=True).hidden_states[-1]).abs().max().item()
+        diff = (ours(img) - hf_latent()).abs().max().item()
         diff_pool = (ours.pool(ours(img)) - hf(img).pooler_output).abs().max().item()
-        # interleaved, so that a change in machine load hits all three alike; medians
-        t_hf, t_ours, t_ours_pool = interleaved([lambda: hf(img), lambda: ours(img), lambda: ours.pool(ours(img))],
-                                                iters=args.iters)
-    print(f"so400m/14 vision tower, batch {args.batch}, fp32, {torch.get_num_threads()} threads; "
-          f"max|diff| block output {diff:.2e}, pooled {diff_pool:.2e}")
-    print(f"  transformers SiglipVisionModel (sdpa): {args.batch / t_hf:6.2f} img/s")
-    print(f"  ours, model.vision(img) (RAE latent):  {args.batch / t_ours:6.2f} img/s  time ratio {t_ours / t_hf:.3f}")
-    print(f"  ours, + post-LN + MAP head (pooled):   {args.batch / t_ours_pool:6.2f} img/s  time ratio {t_ours_pool / t_hf:.3f}")
+        t = interleaved([hf_latent, lambda: ours(img), lambda: hf(img), lambda: ours.pool(ours(img))], iters=args.iters)
+    print(f"so400m/14 vision tower, batch {args.batch}, fp32, {torch.get_num_threads()} threads, {args.iters} rounds "
+          f"(load average {os.getloadavg()[0]:.1f}); max|diff| block output {diff:.2e}, pooled {diff_pool:.2e}")
+    for what, (t_hf, t_ours) in (("RAE latent (last block output)", t[:2]), ("pooled (post-LN + MAP head)", t[2:])):
+        ratios = [a / b for a, b in zip(t_ours, t_hf)]
+        print(f"  {what:31s} transformers {args.batch / median(t_hf):5.2f} img/s, ours {args.batch / median(t_ours):5.2f}"
+              f" img/s; time ratio ours/transformers: median {median(ratios):.3f}, best-vs-best "
+              f"{min(t_ours) / min(t_hf):.3f}")
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -378,7 +385,7 @@ if __name__ == "__main__":
     p.add_argument("section", choices=[*SECTIONS, "all"])
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--batch", type=int, default=4, help="images per forward in the encoder sections")
-    p.add_argument("--iters", type=int, default=3, help="timed repetitions (the median is reported)")
+    p.add_argument("--iters", type=int, default=3, help="timed repetitions (the median is reported; rae: rounds, use 6+)")
     p.add_argument("--compile", action="store_true", help="dit: time the training step under torch.compile")
     args = p.parse_args()
     if args.threads:

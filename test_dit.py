@@ -68,8 +68,8 @@ def test_config_round_trips_through_a_plain_dict():
 
 
 def test_meta_presets_match_the_reference_parameter_counts():
-    # Counts computed from the official code (reference/rae-official-recipe.md 4.1-4.2, scale-rae-recipe.md 4.2)
-    # for RAE's 768-channel latent, and Scale-RAE's 2.4B DiT without our text connector.
+    # Counts of the official modules (RAE's LightningDiT / DiT^DH on its 768-channel DINOv2-B latent; Scale-RAE's
+    # 2.4B DiT, without our text connector), as their repositories build them.
     rae = {"DiT-S": 33.6e6, "DiT-B": 131.7e6, "DiT-L": 459.7e6, "DiT-XL": 677.0e6, "DiTDH-XL": 838.4e6}
     for name, expected in rae.items():
         with torch.device("meta"):

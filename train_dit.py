@@ -84,7 +84,7 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=100, help="steps between metrics lines")
     p.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints")
     p.add_argument("--sample-every", type=int, default=5000, help="steps between sample grids (0: never)")
-    p.add_argument("--prompts", nargs="*", default=None, help="fixed prompts of the sample grid")
+    p.add_argument("--prompt", action="append", help="a fixed prompt of the sample grid (repeatable)")
     p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale of the sample grid")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt if there is one (required if so)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, data order and noise")
@@ -387,7 +387,7 @@ def main(args):
     train_model = wrap(args, run, model, ema)
     opt = make_optimizer(model, args)
     step, epoch, consumed = resume(args, run, cfg, model, ema, opt)
-    prompts = args.prompts or ([p for p, _ in toy.toy_prompts(8)] if args.data.startswith("toy") else
+    prompts = args.prompt or ([p for p, _ in toy.toy_prompts(8)] if args.data.startswith("toy") else
                                ["a photo of a cat", "a red car on a street", "a bowl of fruit", "a mountain lake at sunrise"])
     decoder = rae.load_decoder(args.decoder, run.device) if args.decoder and args.latent == "rae" else None
 
