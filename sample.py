@@ -101,8 +101,8 @@ def load_models(args, device):
     if args.raw:
         path = os.path.join(args.ckpt if os.path.isdir(args.ckpt) else os.path.dirname(args.ckpt), "ckpt.pt")
         ck = ckpt.read_checkpoint(path)
-        ckpt.report(path, [] if isinstance(ck.get("model"), dict) else ["missing key 'model' (not a train_dit.py "
-                                                                        "checkpoint)"])
+        if not isinstance(ck.get("model"), dict):
+            raise ValueError(f"{path}: missing key 'model' (not a train_dit.py checkpoint)")
         ckpt.load_checked(model, ck["model"], path)
         model = model.to(device)
     cfg, encoder = model.cfg, args.encoder or meta.get("encoder")

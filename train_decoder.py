@@ -258,6 +258,8 @@ def train_step(args, run, m, opts, wrapped, ae, taps, img, step):
             gan = -m["disc"](diff_augment(recon, gen)).mean()  # generator side of the hinge GAN
             weight = adaptive_weight(loss, gan, m["decoder"].pred.weight, args.max_d_weight)
             loss = loss + args.gan_weight * weight * gan
+    # the loss before backward (under DDP the gradients mix the ranks, so this is where a rank's own NaN shows), the
+    # gradient after it, both before the step
     training.check_finite(run, step, loss=loss)
     opts["opt"].zero_grad(set_to_none=True)
     loss.backward()

@@ -365,9 +365,9 @@ def train_step(args, run, cfg, train_model, model, opt, towers, batch, step, alp
         s, n = dit.loss_per_t_bin(per_sample, t)
         bins += torch.stack([s, n])
     run.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-    training.check_finite(run, step, loss=loss_sum)  # before the step: the weights and the last checkpoint stay good
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip if args.clip > 0 else float("inf"))
-    training.check_finite(run, step, gradient_norm=gnorm)
+    # before the step: the weights and the last checkpoint stay good
+    training.check_finite(run, step, loss=loss_sum, gradient_norm=gnorm)
     opt.step()
     opt.zero_grad(set_to_none=True)
     return loss_sum, lr, gnorm, bins

@@ -99,14 +99,15 @@ class StopSignal:
 
 
 def check_finite(run, step, **values):
-    """Stop every rank if any value is not finite on any rank, before the optimizer step it would feed (a rank that
-    stopped alone would leave the others waiting in the next collective). Nothing is saved, so ckpt.pt and the
-    export stay those of the last good save."""
+    """Stop every rank if any value (a loss, a gradient norm) is not finite on any rank, before the optimizer step
+    it would feed (a rank that stopped alone would leave the others waiting in the next collective). Nothing is
+    saved, so ckpt.pt and the export stay those of the last good save."""
     values = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in values.items()}  # scalars
     bad = [name for name, v in values.items() if not math.isfinite(v)]
     flag = run.all_reduce(torch.tensor([len(bad)], dtype=torch.int32, device=run.device), op=dist.ReduceOp.MAX)
     if flag.item():
-        what = ", ".join(f"{name.replace('_', ' ')} is {values[name]}" for name in bad) or "a value on another rank"
+        # the first in the order given: a non-finite loss makes a non-finite gradient, and the cause is what to say
+        what = f"{bad[0].replace('_', ' ')} is {values[bad[0]]}" if bad else "a value on another rank"
         last = run.ckpt_path if os.path.exists(run.ckpt_path) else "none yet"
         raise SystemExit(f"step {step}: {what} (rank {run.rank}); not finite, stopping without saving "
                          f"(last good checkpoint: {last})")
