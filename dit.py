@@ -428,11 +428,13 @@ def loss_per_t_bin(per_sample_loss, t, bins=10):
 # ----------------------------------------------------------------------------- sampler
 @torch.no_grad()
 def sample(model, noise, cond, alpha, steps=50, method="euler", guidance=1.0, guidance_interval=(0.0, 1.0),
-           progress=None, eta=1.0, generator=None):
+           guide=None, progress=None, eta=1.0, generator=None):
     """Integrate dx/dt = v(x, t) from t = 1 (noise (B, N, C)) to t = 0 on the shifted grid
     time_shift(linspace(1, 0, steps + 1), alpha), with Euler (steps NFEs) or Heun (2 * steps NFEs).
     Classifier-free guidance: v = v_u + guidance * (v_c - v_u) where t is in guidance_interval (conditional only
-    elsewhere), cond and uncond batched in one forward. Only model(x, t, cond, drop) is called, so any wrapper (DDP,
+    elsewhere), cond and uncond batched in one forward. AutoGuidance (RAE, after Karras et al. 2024): with a `guide`
+    model (a smaller or less trained DiT of the same latent and condition), v = v_g + guidance * (v - v_g), both
+    models given the same condition. Only model(x, t, cond, drop) is called, so any wrapper (DDP,
     FSDP, compile) works; the price is that the text connector reruns at every step (a few blocks next to the
     trunk's depth). progress: None, or a wrapper of the step range that shows progress (e.g. tqdm.tqdm).
     "stochastic": each step splits x_t into the model's clean estimate x0 = x - t v and noise estimate e = x + (1 - t) v,
@@ -450,13 +452,16 @@ def sample(model, noise, cond, alpha, steps=50, method="euler", guidance=1.0, gu
     ts = time_shift(torch.linspace(1, 0, steps + 1, dtype=torch.float64), alpha).tolist()
     B = noise.shape[0]
     keep = torch.zeros(B, dtype=torch.bool, device=noise.device)
-    if guidance != 1.0:
+    if guidance != 1.0 and guide is None:
         cond2, drop2 = torch.cat([cond, cond]), torch.cat([keep, ~keep])  # [conditional ; null]
 
     def velocity(x, t):
         tb = torch.full((B,), t, device=x.device, dtype=x.dtype)
         if guidance == 1.0 or not guidance_interval[0] <= t <= guidance_interval[1]:
             return model(x, tb, cond, keep)
+        if guide is not None:  # the weaker model takes the place of the unconditional prediction
+            v, v_g = model(x, tb, cond, keep), guide(x, tb, cond, keep)
+            return v_g + guidance * (v - v_g)
         v_c, v_u = model(torch.cat([x, x]), torch.cat([tb, tb]), cond2, drop2).chunk(2)  # 2 x (B, N, C)
         return v_u + guidance * (v_c - v_u)
 

@@ -40,6 +40,10 @@ def parse_args(argv=None):
     p.add_argument("--vae", help="FLUX VAE for a --latent vae DiT (default: the one it was trained with)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts", help="a text file with one prompt per line")
+    p.add_argument("--class", dest="classes", type=int, action="append", default=[],
+                   help="a class id, for a class-conditional DiT (repeatable)")
+    p.add_argument("--guide", help="AutoGuidance: a weaker DiT export of the same latent and condition, which takes "
+                   "the unconditional prediction's place (scale: --guidance)")
     p.add_argument("--n", type=int, default=1, help="samples per prompt")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (1: off; default 4, and 1 for --demo, where it scores best)")
@@ -70,11 +74,12 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------- the method
 @torch.no_grad()
 def generate(model, siglip, prompts, alpha, seed=0, steps=50, sampler="euler", guidance=1.0,
-             guidance_interval=(0.0, 1.0), eta=1.0, batch=16, progress=True):
-    """Prompts -> latents z (len(prompts), N, C) in the DiT's latent space.
-    model: a DiT (dit.load_dit); siglip: the frozen SigLIP-2 whose text tower conditions it; alpha: its time shift.
-    Image j starts from noise drawn from its own generator, seeded seed * 10^6 + j, which also draws its fresh noise
-    in the stochastic sampler: the same image j whatever `batch`."""
+             guidance_interval=(0.0, 1.0), eta=1.0, batch=16, progress=True, guide=None):
+    """Prompts (or class ids, for a class-conditional DiT) -> latents z (len(prompts), N, C) in the DiT's latent
+    space. model: a DiT (dit.load_dit); siglip: the frozen SigLIP-2 whose text tower conditions it; alpha: its time
+    shift; guide: a DiT for AutoGuidance, or None for classifier-free guidance. Image j starts from noise drawn from
+    its own generator, seeded seed * 10^6 + j, which also draws its fresh noise in the stochastic sampler: the same
+    image j whatever `batch`."""
     device = next(model.parameters()).device
     N, C = model.cfg.num_tokens, model.cfg.in_channels
     gens = [torch.Generator(device).manual_seed(seed * 1_000_000 + j) for j in range(len(prompts))]
@@ -84,9 +89,12 @@ def generate(model, siglip, prompts, alpha, seed=0, steps=50, sampler="euler", g
     for i in range(0, len(prompts), batch):
         chunk = prompts[i:i + batch]
         with autocast:
-            cond = siglip.text(siglip.tokenizer(chunk).to(device)).float()  # (b, 64, Dt) text states
+            if model.cfg.cond == "text":
+                cond = siglip.text(siglip.tokenizer(chunk).to(device)).float()  # (b, 64, Dt) text states
+            else:
+                cond = torch.tensor(chunk, device=device)  # (b,) class ids
             out.append(dit.sample(model, noise[i:i + len(chunk)], cond, alpha, steps=steps, method=sampler,
-                                  guidance=guidance, guidance_interval=tuple(guidance_interval),
+                                  guidance=guidance, guidance_interval=tuple(guidance_interval), guide=guide,
                                   progress=functools.partial(tqdm, desc="sampling") if progress else None,
                                   eta=eta, generator=gens[i:i + len(chunk)]).float())
     return torch.cat(out)
@@ -116,17 +124,30 @@ def load_models(args, device):
             (decoder.cfg.num_tokens, decoder.cfg.latent_dim) != (cfg.num_tokens, cfg.in_channels):
         raise SystemExit(f"{args.decoder}: decodes latents ({decoder.cfg.num_tokens}, {decoder.cfg.latent_dim}), but "
                          f"{args.ckpt} generates ({cfg.num_tokens}, {cfg.in_channels})")
+    guide = dit.load_dit(args.guide, device)[0] if args.guide else None
+    if guide is not None and [getattr(guide.cfg, k) for k in ("num_tokens", "in_channels", "cond", "num_classes")] != \
+            [getattr(cfg, k) for k in ("num_tokens", "in_channels", "cond", "num_classes")]:
+        raise SystemExit(f"{args.guide}: the guide must generate the same latent ({cfg.num_tokens}, {cfg.in_channels}) "
+                         f"under the same condition ({cfg.cond}, {cfg.num_classes} classes) as {args.ckpt}")
     ae = rae.RAE(siglip.vision, decoder, stats).to(device)
     decode = ae.decode if decoder is not None else None  # latents (B, N, C) -> pixels (B, 3, H, W)
     if meta.get("latent") == "vae":  # the FLUX VAE baseline: tokens -> (B, 16, h, w) -> VAE decoder
         flux, h = vae.load_flux_vae(args.vae or meta.get("vae"), device=device), 2 * math.isqrt(cfg.num_tokens)
         decode = lambda z: flux.decode(vae.unpack(z, h, h))
-    return model, meta, siglip, ae, decode
+    return model, meta, siglip, ae, decode, guide
 
 
-def read_prompts(args, tokenizer, text_len):
-    """--prompt and --prompts FILE -> the list of prompts, each repeated --n times. A prompt longer than the DiT
-    reads is cut; say so, in tokens."""
+def read_prompts(args, tokenizer, cfg):
+    """--prompt and --prompts FILE (or --class, for a class-conditional DiT) -> the list of conditions, each
+    repeated --n times. A prompt longer than the DiT reads is cut; say so, in tokens."""
+    if cfg.cond == "class":
+        bad = [c for c in args.classes if not 0 <= c < cfg.num_classes]
+        if not args.classes or bad or args.prompt or args.prompts:
+            raise SystemExit(f"{args.ckpt} is class-conditional: give --class N (repeatable, 0 <= N < "
+                             f"{cfg.num_classes}) and no prompt" + (f"; got --class {bad[0]}" if bad else ""))
+        return [c for c in args.classes for _ in range(args.n)]
+    if args.classes:
+        raise SystemExit(f"--class: {args.ckpt} is conditioned on text; give --prompt TEXT instead")
     prompts = list(args.prompt)
     if args.prompts:
         try:
@@ -136,7 +157,7 @@ def read_prompts(args, tokenizer, text_len):
             raise SystemExit(f"{args.prompts}: cannot read the prompts ({type(e).__name__}: {e})") from None
     if not prompts:
         raise SystemExit("no prompt: give --prompt TEXT (repeatable) or --prompts FILE")
-    limit = min(tokenizer.max_len, text_len)  # the tower's 64 positions, of which the DiT reads text_len
+    limit = min(tokenizer.max_len, cfg.text_len)  # the tower's 64 positions, of which the DiT reads text_len
     for p in prompts:
         n = len(tokenizer.encode(p.lower())) + 1  # + EOS
         if n > limit:
@@ -172,19 +193,20 @@ def main(args):
     if args.demo:
         return demo(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, meta, siglip, ae, decode = load_models(args, device)
-    prompts = read_prompts(args, siglip.tokenizer, model.cfg.text_len)
+    model, meta, siglip, ae, decode, guide = load_models(args, device)
+    prompts = read_prompts(args, siglip.tokenizer, model.cfg)
     t0 = time.time()
     z = generate(model, siglip, prompts, float(meta["alpha"]), args.seed, args.steps, args.sampler, args.guidance,
-                 args.guidance_interval, args.eta, args.batch)  # (len(prompts), N, C)
+                 args.guidance_interval, args.eta, args.batch, guide=guide)  # (len(prompts), N, C)
     print(f"{len(prompts)} samples in {time.time() - t0:.1f}s")
     os.makedirs(args.out, exist_ok=True)
     if args.save_latents:
         ckpt.save_safetensors(os.path.join(args.out, "latents.safetensors"), {"z": z.cpu()},
                               metadata={"prompts": json.dumps(prompts)})
-    rae_latent = meta.get("latent", "rae") == "rae"
+    scorable = meta.get("latent", "rae") == "rae" and model.cfg.cond == "text"  # SigLIP logits: RAE latent, prompt
+    prompts = [p if isinstance(p, str) else f"class {p}" for p in prompts]  # the grid's captions
     if decode is None:
-        if args.score and rae_latent:
+        if args.score and scorable:
             score(siglip, ae, z, None, prompts)
         print("no --decoder: saved latents only" if args.save_latents else "no --decoder given: nothing to draw")
         return None
@@ -196,7 +218,7 @@ def main(args):
     columns = args.n if args.n > 1 else min(6, len(prompts))  # a row per prompt, or rows of 6 single samples
     data.save_image_grid(os.path.join(args.out, "grid.png"), img, prompts, columns=columns)
     print(f"wrote {len(img)} images and grid.png to {args.out}")
-    return score(siglip, ae, z if rae_latent else None, img, prompts) if args.score else None
+    return score(siglip, ae, z if scorable else None, img, prompts) if args.score else None
 
 
 def demo(args):

@@ -472,6 +472,32 @@ def test_guidance_runs_one_doubled_forward_only_inside_its_interval():
     assert model.calls == [(3, 1.0), (3, 0.75), (6, 0.5), (6, 0.25)]
 
 
+def test_autoguidance_with_the_model_as_its_own_guide_is_the_unguided_sampler():
+    """v = v_g + w (v - v_g) is v when the guide is the model itself: the same samples as guidance 1, bit for bit, and
+    neither the null condition nor a doubled batch is used."""
+    model = randomize(tiny("class"))
+    x, _, c = inputs(model)
+    plain = sample(model, x, c, alpha=2.0, steps=3)
+    for w in (1.5, 4.0):
+        assert torch.equal(sample(model, x, c, alpha=2.0, steps=3, guidance=w, guide=model), plain)
+    recorder = Recorder(lambda x, t: torch.zeros_like(x))
+    sample(recorder, torch.zeros(3, 4, 2), torch.zeros(3, dtype=torch.long), alpha=1.0, steps=2, guidance=2.0,
+           guide=recorder)
+    assert recorder.calls == [(3, 1.0)] * 2 + [(3, 0.5)] * 2  # model and guide, each on the batch as it is
+
+
+def test_autoguidance_mixes_two_constant_fields_exactly():
+    """Model field a, guide field b: every step moves by v_g + w (v - v_g) = b + w (a - b), so x(0) = x(1) - that,
+    exactly (Euler on a constant field); outside the guidance interval the model alone."""
+    a, b = torch.randn(1, 4, 3, dtype=torch.float64), torch.randn(1, 4, 3, dtype=torch.float64)
+    noise = torch.randn(2, 4, 3, dtype=torch.float64)
+    main, guide = Recorder(lambda x, t: a.expand_as(x)), Recorder(lambda x, t: b.expand_as(x))
+    z = sample(main, noise, None, alpha=3.0, steps=6, guidance=2.5, guide=guide)
+    assert torch.allclose(z, noise - (b + 2.5 * (a - b)), atol=1e-12)
+    z = sample(main, noise, None, alpha=1.0, steps=4, guidance=2.5, guide=guide, guidance_interval=(0.0, 0.5))
+    assert torch.allclose(z, noise - 0.5 * a - 0.5 * (b + 2.5 * (a - b)), atol=1e-12)  # t in (1, 0.5]: model only
+
+
 # ----------------------------------------------------------------------------- the learning test
 @pytest.mark.parametrize("cond", ["class", "text"])
 def test_dit_learns_per_condition_gaussians(cond):

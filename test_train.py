@@ -12,6 +12,7 @@ import time
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 import train_decoder
@@ -223,6 +224,33 @@ def test_generate_in_process_equals_sample_py(dit_run, tmp_path):
         torch.set_num_threads(threads)
     assert saved.shape == z.shape == (4, 64, 128) and torch.equal(z, saved)
     assert not torch.allclose(unguided, saved)  # the guidance flags reached the sampler
+
+
+def test_class_conditional_dit_trains_and_samples_with_autoguidance(decoder_run, dit_run, tmp_path):
+    """train_dit.py --class-cond on class folders (the RAE paper's setting), then sample.py --class with --guide:
+    a class-conditional export samples (it used to be fed text states), the guide being the model itself gives the
+    unguided latents bit for bit, and prompts, out-of-range classes or a guide of another kind are refused."""
+    import toy
+    world = toy.ToyWorld(112, seed=0)
+    for i in range(8):  # two classes of four toy images
+        folder = tmp_path / "classes" / ("ab"[i % 2])
+        folder.mkdir(parents=True, exist_ok=True)
+        img = ((world[i]["img"] + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+        Image.fromarray(img).save(folder / f"{i}.png")
+    out = str(tmp_path / "dit")
+    r = run("train_dit.py", *DIT, "--steps", "2", "--class-cond", "--data", str(tmp_path / "classes"), "--out", out)
+    assert "DiT toy" in r.stdout and len(metrics(out)) == 2
+    base = ["sample.py", "--ckpt", out, "--decoder", os.path.join(decoder_run[0], "decoder.safetensors"), "--steps", "2",
+            "--class", "0", "--class", "1", "--n", "2", "--save-latents"]
+    run(*base, "--guidance", "1", "--out", str(tmp_path / "plain"))  # unguided
+    run(*base, "--guide", out, "--guidance", "3", "--out", str(tmp_path / "guided"))
+    plain, guided = (load_file(str(tmp_path / d / "latents.safetensors"))["z"] for d in ("plain", "guided"))
+    assert plain.shape == (4, 64, 128) and torch.equal(plain, guided)
+    assert len([f for f in os.listdir(tmp_path / "plain") if f.endswith(".png")]) == 5  # 4 images + grid.png
+    for extra, needle in ((["--prompt", "a red circle"], "class-conditional"), (["--class", "2"], "--class 2"),
+                          (["--guide", dit_run], "the guide must")):  # dit_run is text-conditioned
+        r = run(*base, *extra, "--out", str(tmp_path / "bad"), check=False)
+        assert r.returncode != 0 and needle in r.stderr.strip().splitlines()[-1], r.stderr[-500:]
 
 
 @pytest.mark.parametrize("argv,message", [
