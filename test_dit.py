@@ -281,6 +281,20 @@ def test_load_dit_round_trips_a_train_dit_export(tmp_path):
 
 
 # ----------------------------------------------------------------------------- learning-rate schedule
+def test_lr_at_hold_then_linear_decay():
+    """RAE's DiT schedule: no warmup, the peak held for `hold` steps, then a straight line to `floor` at `total`."""
+    from training import lr_at
+    peak, floor, hold, total = 2e-4, 2e-5, 40, 100
+    assert all(lr_at(s, peak, 0, total, floor, "linear", hold) == peak for s in range(hold + 1))
+    assert lr_at(hold + 30, peak, 0, total, floor, "linear", hold) == 0.5 * peak + 0.5 * floor
+    assert lr_at(total, peak, 0, total, floor, "linear", hold) == floor == lr_at(10 * total, peak, 0, total, floor,
+                                                                                    "linear", hold)
+    # with a warmup, the hold starts after it; hold = 0 leaves the cosine as it was
+    assert lr_at(5, peak, 10, total, floor, "linear", hold) == peak * 6 / 10
+    assert lr_at(10 + hold, peak, 10, total, floor, "linear", hold) == peak
+    assert lr_at(55, peak, 10, total, floor) == lr_at(55, peak, 10, total, floor, "cosine", 0)
+
+
 def test_lr_at_warmup_cosine_floor_and_constant():
     peak, warmup, total, floor = 3e-3, 10, 110, 1e-4
     # warmup: linear from peak / warmup at step 0 to peak at step warmup - 1

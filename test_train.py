@@ -226,6 +226,26 @@ def test_generate_in_process_equals_sample_py(dit_run, tmp_path):
     assert not torch.allclose(unguided, saved)  # the guidance flags reached the sampler
 
 
+def test_rae_preset_and_flip(tmp_path, monkeypatch):
+    """--preset rae sets RAE's class-conditional recipe (flags still win), --flip reaches the dataset reader, and a
+    flip with fixed cached latents is refused."""
+    import types
+    import toy
+    import train_dit
+    args = train_dit.parse_args(["--preset", "rae", "--encoder", "e", "--data", "d", "--lr", "1e-4"])
+    assert (args.class_cond, args.model, args.batch, args.schedule, args.warmup, args.hold, args.min_lr, args.clip,
+            args.ema, args.flip, args.lr) == (True, "DiTDH-XL", 1024, "linear", 0, 50_040, 2e-5, 1.0, 0.9995, True, 1e-4)
+    seen = {}
+    monkeypatch.setattr(toy, "dataset", lambda *a, **k: seen.update(a=a, k=k) or "dataset")
+    towers, run_ = types.SimpleNamespace(size=32), types.SimpleNamespace(rank=0, world=1)
+    for flags, flip in (([], False), (["--flip"], True)):
+        args = train_dit.parse_args(["--preset", "toy", "--data", "/data/imagenet", "--class-cond", *flags])
+        assert train_dit.training_data(args, run_, towers) == "dataset"
+        assert seen["a"] == ("/data/imagenet", 32, 0, 1, 0, flip, 0) and not seen["k"]  # spec ... seed, flip, limit
+    r = run("train_dit.py", "--preset", "toy", "--flip", "--cache-latents", str(tmp_path / "cache"), check=False)
+    assert r.returncode == 2 and "--flip" in r.stderr
+
+
 def test_class_conditional_dit_trains_and_samples_with_autoguidance(decoder_run, dit_run, tmp_path):
     """train_dit.py --class-cond on class folders (the RAE paper's setting), then sample.py --class with --guide:
     a class-conditional export samples (it used to be fed text states), the guide being the model itself gives the

@@ -8,6 +8,7 @@ alpha = sqrt(N * C / 4096) is computed from the latent shape. One script for one
     python train_dit.py --latent rae --encoder ckpt/siglip2-so400m-patch14-224 --data /data/shards/{000..099}.tar
     torchrun --nproc_per_node=8 train_dit.py --latent rae --encoder ckpt/siglip2-so400m-patch14-224 --data ...
     torchrun --nproc_per_node=8 train_dit.py --model T2I-2.4B --fsdp --grad-ckpt ...   # multi-billion presets
+    torchrun --nproc_per_node=8 train_dit.py --preset rae --encoder ... --data /data/imagenet/train  # RAE's recipe
     python train_dit.py --plan --model T2I-2.4B --gpus 8 --batch 1024               # memory / FLOPs planner
     python train_dit.py --preset toy --max-samples 2000 --cache-latents runs/toy_cache  # encode once, train from it
     torchrun --nproc_per_node=8 train_dit.py ... --cache-latents /data/cache/so400m    # ranks encode disjoint slices
@@ -44,11 +45,16 @@ import vae
 
 TOY = dict(data="toy", model="toy", batch=32, steps=1200, lr=2e-3, warmup=50, ema=0.99, log_every=50,
            save_every=400, sample_every=400, workers=0, out="runs/toy_dit", guidance=3.0)
+# RAE's class-conditional ImageNet recipe (DiT^DH-XL, 800 epochs of 1,251 steps at batch 1024): AdamW 2e-4, no
+# warmup, held for 40 epochs then linear to 2e-5 at epoch 800, grad clip 1, EMA 0.9995, random horizontal flip.
+RAE = dict(class_cond=True, model="DiTDH-XL", batch=1024, steps=1_000_800, lr=2e-4, min_lr=2e-5, schedule="linear",
+           warmup=0, hold=50_040, clip=1.0, ema=0.9995, flip=True)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=["toy"], help="toy: toy world + toy encoder + toy DiT on CPU (flags still win)")
+    p.add_argument("--preset", choices=["toy", "rae"], help="toy: toy world + toy encoder + toy DiT on CPU; rae: RAE's "
+                   "class-conditional ImageNet recipe (DiT^DH-XL, its schedule, EMA, batch, flip). Flags still win")
     p.add_argument("--latent", choices=["rae", "vae"], default="rae", help="latent space: SigLIP-2 RAE or FLUX VAE")
     p.add_argument("--encoder", help="SigLIP-2 snapshot folder (text tower always; vision tower for --latent rae)")
     p.add_argument("--vae", help="FLUX VAE weights for --latent vae (ae.safetensors or a diffusers vae/ folder)")
@@ -56,6 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--decoder", help="decoder.safetensors from train_decoder.py, to decode the sample grids")
     p.add_argument("--data", help="'toy', an image folder, class folders, or .tar shards")
     p.add_argument("--class-cond", action="store_true", help="condition on class ids (class-folder datasets)")
+    p.add_argument("--flip", action="store_true", help="random horizontal flip (a caption's left/right swap with it)")
     p.add_argument("--max-samples", type=int, default=0, help="only the first N samples (toy, folders; 0: all)")
     p.add_argument("--cache-latents", metavar="DIR", help="encode the data once into DIR (safetensors shards of latents "
                    "and text states) and train from it; later runs reuse DIR. The latents are fixed: no random flip")
@@ -69,8 +76,10 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=5.65e-4, help="peak learning rate (Scale-RAE's DiT lr)")
     p.add_argument("--connector-lr", type=float, help="peak lr of the text connector, same schedule (default: --lr)")
     p.add_argument("--min-lr", type=float, default=0.0, help="end of the cosine schedule")
-    p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine", help="after warmup")
-    p.add_argument("--warmup", type=int, default=800, help="linear warmup steps")
+    p.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine",
+                   help="after warmup and --hold: cosine or linear down to --min-lr at --steps, or constant")
+    p.add_argument("--warmup", type=int, default=800, help="linear warmup steps from 0")
+    p.add_argument("--hold", type=int, default=0, help="steps at the peak lr after warmup, before the decay")
     p.add_argument("--wd", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--clip", type=float, default=1.0, help="grad-norm clip (0: off)")
     p.add_argument("--ema", type=float, default=0.9995, help="EMA decay per step")
@@ -93,8 +102,7 @@ def parse_args(argv=None):
     p.add_argument("--gpu-mem", type=float, default=80, help="GiB per GPU for --plan")
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset")
-    if pre.parse_known_args(argv)[0].preset == "toy":
-        p.set_defaults(**TOY)
+    p.set_defaults(**{"toy": TOY, "rae": RAE}.get(pre.parse_known_args(argv)[0].preset, {}))
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch < 1 or args.grad_accum < 1:
         p.error(f"--steps, --batch and --grad-accum must be positive (got {args.steps}, {args.batch}, {args.grad_accum})")
@@ -104,6 +112,8 @@ def parse_args(argv=None):
         p.error("--encoder is required (a SigLIP-2 snapshot folder; see `python rae.py download`)")
     if args.latent == "vae" and args.vae is None and not args.plan:
         p.error("--latent vae needs --vae (FLUX ae.safetensors or a diffusers vae/ folder)")
+    if args.flip and args.cache_latents:
+        p.error("--flip: cached latents are fixed, a random flip cannot apply (drop one of --flip, --cache-latents)")
     if args.class_cond and args.connector_lr is not None:
         p.error("--connector-lr: class conditioning has no text connector")
     args.connector_lr = args.lr if args.connector_lr is None else args.connector_lr
@@ -155,7 +165,7 @@ def make_optimizer(model, args):
 
 def set_lr(opt, step, args):
     """The schedule at this step; the connector's group follows it scaled to its own peak."""
-    lr = training.lr_at(step, args.lr, args.warmup, args.steps, args.min_lr, args.schedule)
+    lr = training.lr_at(step, args.lr, args.warmup, args.steps, args.min_lr, args.schedule, args.hold)
     for group in opt.param_groups:
         group["lr"] = lr * (args.connector_lr / args.lr if group.get("name") == "connector" else 1.0)
     return lr
@@ -211,8 +221,8 @@ class FrozenTowers:
 # ----------------------------------------------------------------------------- the steps of main
 def training_data(args, run, towers):
     """The dataset to train on: --data read on the fly, or its latents cached once in --cache-latents DIR."""
-    build = functools.partial(toy.dataset, args.data, towers.size, run.rank, run.world, args.seed,
-                              limit=args.max_samples)
+    build = functools.partial(toy.dataset, args.data, towers.size, run.rank, run.world, args.seed, args.flip,
+                              args.max_samples)
     if not args.cache_latents:
         return build()
     N, C = towers.shape
@@ -282,7 +292,8 @@ def resume(args, run, cfg, model, ema, opt):
     set_model_state_dict(model, ck["model"], options=load)
     set_model_state_dict(ema, ck["ema"], options=load)
     set_optimizer_state_dict(model, opt, ck["opt"], options=load)
-    changed = training.note_changes(ck["args"], args, ("steps", "lr", "connector_lr", "min_lr", "warmup", "schedule"))
+    changed = training.note_changes(ck["args"], args, ("steps", "lr", "connector_lr", "min_lr", "warmup", "hold",
+                                                       "schedule"))
     if run.master:
         print(f"resumed from {run.ckpt_path} at step {ck['step']}" + (f" ({', '.join(changed)})" if changed else ""))
     return ck["step"], ck["epoch"], ck["consumed"]

@@ -65,13 +65,16 @@ def setup(args, divides=1):
     return Run(rank, world, local, device, ddp, ckpt_path)
 
 
-def lr_at(step, peak, warmup, total, floor=0.0, schedule="cosine"):
-    """Linear warmup from 0 to `peak` over `warmup` steps, then cosine down to `floor` at step `total` (or constant)."""
+def lr_at(step, peak, warmup, total, floor=0.0, schedule="cosine", hold=0):
+    """Linear warmup from 0 to `peak` over `warmup` steps, `hold` steps at peak, then down to `floor` at step `total`
+    along a cosine or a line (RAE's DiT: no warmup, 40 epochs held, linear to 1/10 at epoch 800), or constant."""
     if step < warmup:
         return peak * (step + 1) / warmup
     if schedule == "constant":
         return peak
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    progress = min(1.0, max(0, step - warmup - hold) / max(1, total - warmup - hold))
+    if schedule == "linear":
+        return (1 - progress) * peak + progress * floor  # exactly peak at 0, floor at 1
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
 
 
