@@ -102,9 +102,9 @@ def generate(model, siglip, prompts, alpha, seed=0, steps=50, sampler="euler", g
 
 # ----------------------------------------------------------------------------- loading, checking, writing
 def load_models(args, device):
-    """The DiT (EMA, or ckpt.pt's weights with --raw), the SigLIP-2 it was trained with, and a decode function
-    (latents -> pixels) or None without --decoder. Towers and decoder that do not fit the DiT fail here, before
-    any sampling."""
+    """The DiT (EMA, or ckpt.pt's weights with --raw), its metadata, the SigLIP-2 it was trained with, the RAE, a
+    decode function (latents -> pixels; None without --decoder) and the --guide DiT (or None). Towers, decoder and
+    guide that do not fit the DiT fail here, before any sampling."""
     model, meta = dit.load_dit(args.ckpt, device)
     if args.raw:
         path = os.path.join(args.ckpt if os.path.isdir(args.ckpt) else os.path.dirname(args.ckpt), "ckpt.pt")
