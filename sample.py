@@ -72,6 +72,11 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------- the method
+def autocast(device):
+    """bf16 on a GPU, fp32 on the CPU (whose bf16 matmuls are far slower)."""
+    return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
 @torch.no_grad()
 def generate(model, siglip, prompts, alpha, seed=0, steps=50, sampler="euler", guidance=1.0,
              guidance_interval=(0.0, 1.0), eta=1.0, batch=16, progress=True, guide=None):
@@ -84,11 +89,10 @@ def generate(model, siglip, prompts, alpha, seed=0, steps=50, sampler="euler", g
     N, C = model.cfg.num_tokens, model.cfg.in_channels
     gens = [torch.Generator(device).manual_seed(seed * 1_000_000 + j) for j in range(len(prompts))]
     noise = torch.stack([torch.randn(N, C, generator=g, device=device) for g in gens])  # (B, N, C)
-    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
     out = []
     for i in range(0, len(prompts), batch):
         chunk = prompts[i:i + batch]
-        with autocast:
+        with autocast(device):
             if model.cfg.cond == "text":
                 cond = siglip.text(siglip.tokenizer(chunk).to(device)).float()  # (b, 64, Dt) text states
             else:
@@ -210,8 +214,7 @@ def main(args):
             score(siglip, ae, z, None, prompts)
         print("no --decoder: saved latents only" if args.save_latents else "no --decoder given: nothing to draw")
         return None
-    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
-    with torch.no_grad(), autocast:
+    with torch.no_grad(), autocast(device):
         img = torch.cat([decode(b).float() for b in z.split(args.batch)]).clamp(-1, 1)  # (B, 3, H, W)
     for k, im in enumerate(img):
         data.save_image_grid(os.path.join(args.out, f"{k:04d}.png"), im[None])

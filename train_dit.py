@@ -186,9 +186,10 @@ def per_sample_noise(seed, step, indices, shape, alpha, p_drop, device):
 class FrozenTowers:
     """The frozen models: images -> latents z (B, N, C) (the RAE, or the FLUX VAE with --latent vae), captions ->
     text states (B, 64, Dt) (the SigLIP-2 text tower). Never trained, wrapped or saved."""
-    def __init__(self, args, device):
+    def __init__(self, args, run):
+        device = run.device
         self.siglip = toy.load_encoder(args.encoder or "toy").to(device)
-        self.kind, self.device = args.latent, device
+        self.kind, self.device, self.autocast = args.latent, device, run.autocast  # the run's precision
         if args.latent == "rae":
             stats = rae.load_latent_stats(args.stats, self.siglip.vision.pos_embed.shape[1]) if args.stats else None
             self.rae = rae.RAE(self.siglip.vision, stats=stats).to(device)
@@ -196,20 +197,19 @@ class FrozenTowers:
         else:
             self.vae = vae.load_flux_vae(args.vae, device=device)
             self.size = 256  # 256 px -> 32 x 32 x 16 -> 2x2 patches: 256 tokens x 64, as Scale-RAE's baseline
-        self.bf16 = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
         self.shape = tuple(self.latents(torch.zeros(1, 3, self.size, self.size, device=device)).shape[1:])  # (N, C)
 
     @torch.no_grad()
     def latents(self, img):
         """img (B, 3, H, W) in [-1, 1] -> z (B, N, C)."""
-        with self.bf16:
+        with self.autocast():
             z = self.rae.encode(img) if self.kind == "rae" else vae.pack(self.vae.encode(img))
         return z.float()
 
     @torch.no_grad()
     def text_states(self, captions):
         """B captions -> (B, 64, Dt), the text tower's last states."""
-        with self.bf16:
+        with self.autocast():
             return self.siglip.text(self.siglip.tokenizer(captions).to(self.device)).float()
 
     def for_cache(self, class_cond, batch):
@@ -391,7 +391,7 @@ def main(args):
     run = training.setup(args, divides=args.grad_accum)
     stop = training.StopSignal()
     # the frozen models, the data, the trainable model
-    towers = FrozenTowers(args, run.device)
+    towers = FrozenTowers(args, run)
     alpha = dit.shift_alpha(*towers.shape)  # from the latent shape, never hard-coded
     train_set = training_data(args, run, towers)
     cfg, model, ema = build_model(args, run, towers, train_set)
