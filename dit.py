@@ -31,7 +31,11 @@ class DiTConfig:
     num_heads: int = 16
     mlp_ratio: float = 4.0  # SwiGLU hidden = int(2/3 * mlp_ratio * D): the parameters of a GELU MLP of this ratio
     qk_norm: bool = False  # RMSNorm on q and k per head (off in both papers' released configs)
-    cond: str = "text"  # "text": per-token condition from the connector; "class": one embedding per sample
+    cond: str = "text"  # "text": per-token condition from the connector; "class": one embedding per sample;
+    # "tokens": per-token conditions (B, N, cond_dim) computed outside (Scale-RAE's LLM queries, dit.load_scale_rae_dit)
+    cond_dim: int = 0  # width of the condition c = t_emb + y that drives adaLN; 0 = hidden_size (Scale-RAE: z_channels)
+    cond_silu: bool = False  # c = silu(t_emb + y) before the blocks, as RAE's DiT^DH and Scale-RAE (their adaLN then
+    # applies a second SiLU); False as RAE's LightningDiT and our own models
     text_dim: int = 1152  # width of the text tower's token states
     text_len: int = 64  # T: the connector reads the first text_len text states (the tower's 64 for real prompts)
     connector_depth: int = 2  # blocks over [text tokens ; N queries]; must be >= 1 in text mode
@@ -157,13 +161,13 @@ class DiTBlock(nn.Module):
     """LightningDiT block with adaLN-Zero: x += g1 * Attn(modulate(norm(x))); x += g2 * MLP(modulate(norm(x))), where
     (shift, scale, gate) x 2 come from the condition c: (B, 1, D) shared by all tokens or (B, N, D) one per token."""
 
-    def __init__(self, dim, num_heads, mlp_ratio, qk_norm):
+    def __init__(self, dim, num_heads, mlp_ratio, qk_norm, cond_dim=None):
         super().__init__()
         self.norm1 = RMSNorm(dim)
         self.attn = Attention(dim, num_heads, qk_norm)
         self.norm2 = RMSNorm(dim)
         self.mlp = SwiGLU(dim, mlp_hidden(dim, mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim or dim, 6 * dim))
 
     def forward(self, x, c, rope):
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)  # 6 x (B, 1|N, D)
@@ -190,10 +194,10 @@ class TransformerBlock(nn.Module):
 class FinalLayer(nn.Module):
     """RMSNorm, adaLN shift and scale (no gate), Linear back to the latent channels."""
 
-    def __init__(self, dim, out_channels):
+    def __init__(self, dim, out_channels, cond_dim=None):
         super().__init__()
         self.norm = RMSNorm(dim)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim or dim, 2 * dim))
         self.linear = nn.Linear(dim, out_channels)
 
     def forward(self, x, c):
@@ -224,11 +228,13 @@ class DiT(nn.Module):
         super().__init__()
         self.cfg = cfg
         D, C, N = cfg.hidden_size, cfg.in_channels, cfg.num_tokens
+        Dc = cfg.cond_dim or D  # the condition's width (= D except in Scale-RAE's released DiT)
         self.grid = math.isqrt(N)
         assert self.grid**2 == N, "num_tokens must be a square grid"
+        assert Dc == D or (cfg.cond == "tokens" and not cfg.ddt_depth), "cond_dim != hidden_size needs cond 'tokens'"
         # patch size 1: each latent token is one DiT token, so the "patch embedding" (a 1x1 conv) is a Linear
         self.x_embedder = nn.Linear(C, D)
-        self.t_embedder = TimestepEmbedder(D)
+        self.t_embedder = TimestepEmbedder(Dc)
         if cfg.cond == "text":
             # The connector (our stand-in for Scale-RAE's LLM + 256 queries; README, "Differences from the papers"):
             # N learnable queries attend jointly with the projected text tokens; query k's output becomes the
@@ -251,11 +257,11 @@ class DiT(nn.Module):
                 self.register_buffer(name, torch.empty(cfg.text_dim))
         elif cfg.cond == "class":
             self.class_embedder = nn.Embedding(cfg.num_classes, D)
-        else:
-            raise ValueError(f"cond must be 'text' or 'class', got {cfg.cond!r}")
+        elif cfg.cond != "tokens":
+            raise ValueError(f"cond must be 'text', 'class' or 'tokens', got {cfg.cond!r}")
         # One learned vector replaces a dropped condition, broadcast over tokens (Scale-RAE's dropout_embedding)
-        self.null_cond = nn.Parameter(torch.empty(D))
-        self.blocks = nn.ModuleList(DiTBlock(D, cfg.num_heads, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.depth))
+        self.null_cond = nn.Parameter(torch.empty(Dc))
+        self.blocks = nn.ModuleList(DiTBlock(D, cfg.num_heads, cfg.mlp_ratio, cfg.qk_norm, Dc) for _ in range(cfg.depth))
         self.register_buffer("pos_embed", torch.empty(N, D))
         self.register_buffer("rope", torch.empty(2, N, D // cfg.num_heads))
         out_dim = D
@@ -268,7 +274,7 @@ class DiT(nn.Module):
             self.register_buffer("head_rope", torch.empty(2, N, W // cfg.ddt_heads))
         self.head_blocks = nn.ModuleList(
             DiTBlock(out_dim, cfg.ddt_heads, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.ddt_depth))
-        self.final_layer = FinalLayer(out_dim, C)
+        self.final_layer = FinalLayer(out_dim, C, out_dim if cfg.ddt_depth else Dc)
         self.init_weights()
 
     @torch.no_grad()
@@ -284,7 +290,7 @@ class DiT(nn.Module):
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         if cfg.cond == "class":
             nn.init.normal_(self.class_embedder.weight, std=0.02)
-        else:
+        elif cfg.cond == "text":
             nn.init.normal_(self.queries, std=D**-0.5)  # Scale-RAE: randn(N, H) / sqrt(H)
             for buf, value in ((self.text_mean, 0), (self.text_std, 1), (self.pool_mean, 0), (self.pool_std, 1)):
                 buf.fill_(value)  # the identity until set_text_stats
@@ -303,9 +309,11 @@ class DiT(nn.Module):
             self.head_rope.copy_(rope_2d(self.grid, cfg.ddt_width // cfg.ddt_heads))
 
     def embed_condition(self, cond, drop=None):
-        """cond -> y: (B, 1, D) for a class, (B, N, D) for text; dropped samples get the null condition."""
+        """cond -> y: (B, 1, D) for a class, (B, N, D) for text or tokens; dropped samples get the null condition."""
         if self.cfg.cond == "class":
             y = self.class_embedder(cond)[:, None]  # (B, 1, D)
+        elif self.cfg.cond == "tokens":
+            y = cond  # (B, N, Dc): already one condition per latent token
         else:
             cond = cond[:, : self.cfg.text_len]  # (B, T, Dt): a tower padding to more positions adds only pads
             cond = (cond - self.text_mean) / self.text_std  # per channel ~N(0, 1) over training captions
@@ -348,7 +356,9 @@ class DiT(nn.Module):
         """x (B, N, C) noisy latents, t (B,) in [0, 1], cond: text states (B, T, text_dim) or class ids (B,),
         drop (B,) bool or None -> velocity v (B, N, C)."""
         t_emb = self.t_embedder(t)[:, None]  # (B, 1, D)
-        c = t_emb + self.embed_condition(cond, drop)  # (B, 1|N, D): c_k = t_emb + y_k
+        c = t_emb + self.embed_condition(cond, drop)  # (B, 1|N, Dc): c_k = t_emb + y_k
+        if self.cfg.cond_silu:
+            c = F.silu(c)
         h = self.x_embedder(x) + self.pos_embed  # (B, N, D)
         for block in self.blocks:
             h = block(h, c, self.rope)
@@ -365,7 +375,7 @@ def flops(cfg, training=True):
     """Analytic FLOPs per sample: every matmul (2 * tokens * fan_in * fan_out) plus attention (QK^T and AV:
     4 * tokens^2 * width per layer); norms and other elementwise ops are not counted. Training = 3 x forward."""
     D, N, C, T = cfg.hidden_size, cfg.num_tokens, cfg.in_channels, cfg.text_len
-    n_cond = N if cfg.cond == "text" else 1  # tokens that carry their own condition (and adaLN matmul)
+    n_cond = 1 if cfg.cond == "class" else N  # tokens that carry their own condition (and adaLN matmul)
 
     def block(n, d, n_mod):  # one block over n tokens of width d, with adaLN on n_mod condition vectors
         return 2 * n * (4 * d * d + 3 * d * mlp_hidden(d, cfg.mlp_ratio)) + 4 * n * n * d + 2 * n_mod * 6 * d * d
@@ -428,9 +438,10 @@ def loss_per_t_bin(per_sample_loss, t, bins=10):
 # ----------------------------------------------------------------------------- sampler
 @torch.no_grad()
 def sample(model, noise, cond, alpha, steps=50, method="euler", guidance=1.0, guidance_interval=(0.0, 1.0),
-           guide=None, progress=None, eta=1.0, generator=None):
+           guide=None, progress=None, eta=1.0, generator=None, schedule=None):
     """Integrate dx/dt = v(x, t) from t = 1 (noise (B, N, C)) to t = 0 on the shifted grid
     time_shift(linspace(1, 0, steps + 1), alpha), with Euler (steps NFEs) or Heun (2 * steps NFEs).
+    schedule: a list of (t, t_next) steps replaces that grid (official_schedule: the released models' samplers).
     Classifier-free guidance: v = v_u + guidance * (v_c - v_u) where t is in guidance_interval (conditional only
     elsewhere), cond and uncond batched in one forward. AutoGuidance (RAE, after Karras et al. 2024): with a `guide`
     model (a smaller or less trained DiT of the same latent and condition), v = v_g + guidance * (v - v_g), both
@@ -448,8 +459,9 @@ def sample(model, noise, cond, alpha, steps=50, method="euler", guidance=1.0, gu
         raise ValueError(f"eta must be in [0, 1], got {eta}")
     if isinstance(generator, (list, tuple)) and len(generator) != noise.shape[0]:  # one short would broadcast
         raise ValueError(f"generator: a list needs one per sample ({noise.shape[0]}), got {len(generator)}")
-    # the grid ends exactly at t = 0 (the official samplers stop at t ~ 0.007 or step back up to t = 1)
-    ts = time_shift(torch.linspace(1, 0, steps + 1, dtype=torch.float64), alpha).tolist()
+    if schedule is None:  # our grid ends exactly at t = 0 (the official samplers stop short of it: official_schedule)
+        ts = time_shift(torch.linspace(1, 0, steps + 1, dtype=torch.float64), alpha).tolist()
+        schedule = list(zip(ts[:-1], ts[1:]))
     B = noise.shape[0]
     keep = torch.zeros(B, dtype=torch.bool, device=noise.device)
     if guidance != 1.0 and guide is None:
@@ -466,8 +478,7 @@ def sample(model, noise, cond, alpha, steps=50, method="euler", guidance=1.0, gu
         return v_u + guidance * (v_c - v_u)
 
     x = noise
-    for i in progress(range(steps)) if progress else range(steps):
-        t, t_next = ts[i], ts[i + 1]
+    for t, t_next in progress(schedule) if progress else schedule:
         v = velocity(x, t)
         if method == "euler":
             x = x + (t_next - t) * v
@@ -483,6 +494,26 @@ def sample(model, noise, cond, alpha, steps=50, method="euler", guidance=1.0, gu
             x_next = x + (t_next - t) * v
             x = x + (t_next - t) * 0.5 * (v + velocity(x_next, t_next))
     return x
+
+
+def official_schedule(kind, alpha):
+    """The (t, t_next) Euler steps of the released models' samplers, so that their latents can be reproduced.
+    "rae": RAE's sample_ddp.py: the float32 grid 1 - linspace(0, 0.999, 50), shifted, as 49 steps (it stops at
+    t ~ 0.0069: torchdiffeq's Euler on that grid). "scale-rae": Scale-RAE's rectified-flow sampler: 1000 shifted times
+    time_shift((j + 1) / 1000), of which the 50 respaced ones (round((j * 999) / 49)) are walked down from the second
+    largest to the smallest (48 steps, ending at t ~ 0.0084), then one last step from the second largest time up to
+    t = 1 (+0.0024 for a = sqrt(72)) on the nearly clean sample: 49 model calls, as the released code does."""
+    if kind == "rae":
+        t = 1 - torch.linspace(0, 0.999, 50)  # float32, as the official code
+        ts = (alpha * t / (1 + (alpha - 1) * t)).tolist()
+        return list(zip(ts[:-1], ts[1:]))
+    if kind == "scale-rae":
+        ts = [alpha * t / (1 + (alpha - 1) * t) for t in torch.linspace(1 / 1000, 1, 1000, dtype=torch.float64).tolist()]
+        used = [ts[round(j * 999 / 49)] for j in range(50)]  # space_timesteps(1000, "50"): a stride of 999 / 49
+        f32 = lambda u: torch.tensor(u, dtype=torch.float32).item()  # the official loop feeds float32 times
+        steps = [(used[i], used[i - 1]) for i in range(48, 0, -1)] + [(used[48], used[49])]
+        return [(f32(a), f32(b)) for a, b in steps]
+    raise ValueError(f"official schedule must be 'rae' or 'scale-rae', got {kind!r}")
 
 
 # ----------------------------------------------------------------------------- loading an export
@@ -508,6 +539,153 @@ def load_dit(path, device=None):
             raise ValueError(f"{path}: metadata 'dit_config': {e}") from None
     ckpt.load_checked(model, ckpt.read_safetensors(path), path)
     return model.to(device).eval(), meta
+
+
+# ----------------------------------------------------------------------------- the released checkpoints of both papers
+# Their DiTs compute what ours computes, with other names and three layout choices: a 1x1 conv for the patch embedding,
+# the null class as row num_classes of the label table, and RoPE rotating neighbouring channels (2i, 2i + 1) where
+# ours rotates (i, i + hd/2). The first two are reshapes; the last is a fixed permutation of each head's q and k
+# channels (q.k is unchanged when both are permuted alike, and v is untouched). Every fixed table (positions, RoPE,
+# time frequencies) is taken from the file, never regenerated, except Scale-RAE's time frequencies, which it does
+# not store. The conversion goes both ways (official_state), so a test can round-trip every key and shape.
+def rope_order(head_dim):
+    """Our q/k channel j is their channel order[j]: our pair (j, j + hd/2) is their pair (2j, 2j + 1)."""
+    half = torch.arange(head_dim // 2)
+    return torch.cat([2 * half, 2 * half + 1])  # (hd,)
+
+
+def permute_qk(w, heads, order):
+    """Reorder the q and k rows of a fused qkv weight (3D, D) or bias (3D,) within each head; v rows stay."""
+    w3 = w.reshape(3, heads, -1, *w.shape[1:])  # (3, H, hd, ...)
+    return torch.cat([w3[:2, :, order], w3[2:]]).reshape(w.shape)
+
+
+def official_names(cfg, kind):
+    """(our name, their name) of every Linear and norm of a DiT with cfg, for kind "rae" (RAE's DiT^DH or LightningDiT)
+    or "scale-rae" (Scale-RAE's LightningDiT with per-token conditions); the rest is converted in official_state."""
+    ddt = cfg.ddt_depth > 0
+    names = [("x_embedder", "s_embedder.proj" if ddt else "x_embedder.proj"), ("t_embedder.mlp.0",) * 2,
+             ("t_embedder.mlp.2",) * 2, ("final_layer.norm", "final_layer.norm_final"),
+             ("final_layer.linear",) * 2, ("final_layer.adaLN_modulation.1",) * 2]
+    if ddt:
+        names += [("head_embedder", "x_embedder.proj"), ("s_proj", "s_projector")]
+    blocks = "dit_blocks" if kind == "scale-rae" else "blocks"
+    ours = [f"blocks.{i}" for i in range(cfg.depth)] + [f"head_blocks.{i}" for i in range(cfg.ddt_depth)]
+    parts = ("norm1", "norm2", "attn.qkv", "attn.proj", "mlp.w12", "mlp.w3", "adaLN_modulation.1")
+    return names + [(f"{o}.{p}", f"{blocks}.{i}.{p}") for i, o in enumerate(ours) for p in parts]
+
+
+def official_config(state, kind, num_heads=None):
+    """The DiTConfig of an official state dict, from its shapes. Heads are not in any weight shape: they come from
+    the RoPE table's width (the head size), or from num_heads (a Scale-RAE snapshot's config.json) without one."""
+    ddt = "s_embedder.proj.weight" in state
+    D, C = state["s_embedder.proj.weight" if ddt else "x_embedder.proj.weight"].shape[:2]  # (D, C, 1, 1)
+    blocks = "dit_blocks." if kind == "scale-rae" else "blocks."
+    n = len({k.split(".")[1] for k in state if k.startswith(blocks)})
+    widths = [state[f"{blocks}{i}.norm1.weight"].numel() for i in range(n)]
+    table = state.get("enc_feat_rope.freqs_cos" if ddt else "feat_rope.freqs_cos")  # (N, head_dim)
+    heads = D // table.shape[1] if table is not None else num_heads
+    if heads is None:
+        raise ValueError("no RoPE table to read the number of heads from: pass num_heads")
+    Dc = state["t_embedder.mlp.0.weight"].shape[0]  # the condition's width (Scale-RAE's z_channels)
+    depth = sum(w == D for w in widths) if ddt else n  # the trunk's blocks have its width, the head's are wider
+    w12 = state[f"{blocks}0.mlp.w12.weight"].shape[0] // 2  # SwiGLU hidden = int(2/3 * int(r * D))
+    ratio = next((r for r in (4.0, 2.0, 3.0, 6.0, 8.0) if mlp_hidden(D, r) == w12), w12 * 1.5 / D)
+    cfg = DiTConfig(in_channels=C, num_tokens=state["pos_embed"].shape[1], hidden_size=D, depth=depth,
+                    num_heads=heads, mlp_ratio=ratio, cond="tokens" if kind == "scale-rae" else "class",
+                    cond_dim=Dc if Dc != D else 0, cond_silu=ddt or kind == "scale-rae",
+                    connector_depth=0)
+    if ddt:
+        W = state["x_embedder.proj.weight"].shape[0]
+        cfg.ddt_depth, cfg.ddt_width, cfg.ddt_heads = n - depth, W, W // state["dec_feat_rope.freqs_cos"].shape[1]
+    if kind == "rae":
+        cfg.num_classes = state["y_embedder.embedding_table.weight"].shape[0] - 1  # the last row is the null class
+    return cfg
+
+
+def scale_rae_freqs(n=256):
+    """Scale-RAE's time-embedding frequencies: not in its files, drawn at construction from a fixed seed."""
+    return torch.normal(0.0, 1.0, (n,), generator=torch.Generator().manual_seed(114514)).float()
+
+
+def official_state(state, cfg, kind, to_ours=True):
+    """Convert a state dict from the official names and layouts to ours (to_ours=False: ours to theirs)."""
+    pairs = [(o, t) if to_ours else (t, o) for o, t in official_names(cfg, kind)]  # (destination, source)
+    out = {f"{d}.{p}": state[f"{s}.{p}"] for d, s in pairs for p in ("weight", "bias") if f"{s}.{p}" in state}
+    C, ddt = cfg.in_channels, cfg.ddt_depth > 0
+    # 1x1 convs (D, C, 1, 1) <-> Linears (D, C)
+    for o, t in [("x_embedder", "s_embedder" if ddt else "x_embedder")] + [("head_embedder", "x_embedder")] * ddt:
+        if to_ours:
+            out[f"{o}.weight"] = out[f"{o}.weight"].flatten(1)
+        else:
+            out[f"{t}.proj.weight"] = out[f"{t}.proj.weight"][:, :, None, None]
+    if to_ours:
+        if ddt and "s_projector.weight" not in state:  # a trunk as wide as the head: nn.Identity in the official code
+            out["s_proj.weight"], out["s_proj.bias"] = torch.eye(cfg.ddt_width), torch.zeros(cfg.ddt_width)
+        for p in ("weight", "bias"):  # learn-sigma files predict 2C channels: the velocity is the first C
+            out[f"final_layer.linear.{p}"] = out[f"final_layer.linear.{p}"][:C]
+    # RoPE: every block's q, k rows and the tables' columns in the other channel order
+    ropes = [("blocks.", "rope", "enc_feat_rope" if ddt else "feat_rope", cfg.num_heads, cfg.hidden_size)]
+    ropes += [("head_blocks.", "head_rope", "dec_feat_rope", cfg.ddt_heads, cfg.ddt_width)] * ddt
+    for prefix, ours, theirs, heads, width in ropes:
+        order = rope_order(width // heads) if to_ours else torch.argsort(rope_order(width // heads))
+        if to_ours and f"{theirs}.freqs_cos" in state:
+            out[ours] = torch.stack([state[f"{theirs}.freqs_{f}"][:, order] for f in ("cos", "sin")])  # (2, N, hd)
+        elif not to_ours:
+            out[f"{theirs}.freqs_cos"], out[f"{theirs}.freqs_sin"] = state[ours][:, :, order]  # (N, hd) each
+        for o, t in official_names(cfg, kind):
+            if o.startswith(prefix) and o.endswith("attn.qkv"):
+                for p in ("weight", "bias"):
+                    d = f"{o}.{p}" if to_ours else f"{t}.{p}"
+                    out[d] = permute_qk(out[d], heads, order)
+    # positions, time frequencies, the label table and the null condition
+    if to_ours:
+        out["pos_embed"] = state["pos_embed"][0]  # (N, D)
+        out["t_embedder.freqs"] = scale_rae_freqs() if kind == "scale-rae" else state["t_embedder.W"]
+        if kind == "rae":
+            table = state["y_embedder.embedding_table.weight"]  # (num_classes + 1, D)
+            out["class_embedder.weight"], out["null_cond"] = table[:-1], table[-1]
+        else:
+            out["null_cond"] = state["y_embedder.dropout_embedding"]
+        return out
+    out["pos_embed"] = state["pos_embed"][None]  # (1, N, D)
+    if kind == "rae":
+        out["t_embedder.W"] = state["t_embedder.freqs"]
+        out["y_embedder.embedding_table.weight"] = torch.cat([state["class_embedder.weight"], state["null_cond"][None]])
+    else:
+        out["y_embedder.dropout_embedding"] = state["null_cond"]
+    return out
+
+
+def load_official(state, kind, path, num_heads=None, device=None, dtype=torch.float32):
+    """Build (on the meta device) and load a DiT from an official state dict; `path` names it in errors."""
+    try:
+        cfg = official_config(state, kind, num_heads)
+        ours = official_state(state, cfg, kind)
+    except KeyError as e:
+        raise ValueError(f"{path}: not an official {kind} DiT: no key {e}") from None
+    with torch.device("meta"):
+        model = DiT(cfg)
+    ckpt.load_checked(model, {k: v.to(dtype) for k, v in ours.items()}, path)
+    return model.to(device).eval()
+
+
+def load_rae_dit(path, device=None, dtype=torch.float32):
+    """RAE's released stage2_model.pt (DiT^DH or LightningDiT, any size; a plain state dict or {"ema": ...}) -> DiT.
+    model(x (B, N, C), t (B,), y (B,) long, drop (B,) bool) = the official model(x as (B, C, h, w), t,
+    where(drop, num_classes, y)), tokens in raster order."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("ema", state.get("model", state))  # a training checkpoint: its EMA weights
+    return load_official(state, "rae", path, device=device, dtype=dtype)
+
+
+def load_scale_rae_dit(state, num_heads=None, device=None, dtype=torch.float32, path="Scale-RAE DiT"):
+    """Scale-RAE's released DiT (its snapshot's diff_head.model.* tensors; the prefix may stay) -> DiT with cond
+    "tokens": model(x (B, 256, C), t (B,), y (B, 256, Dy), drop (B,) bool) = the official LightningDiT
+    forward(x as (B, C, 16, 16), t, where(drop, dropout_embedding, y))."""
+    prefix = "diff_head.model."
+    state = {k.removeprefix(prefix): v for k, v in state.items()}
+    return load_official(state, "scale-rae", path, num_heads, device, dtype)
 
 
 # ----------------------------------------------------------------------------- smoke test

@@ -543,3 +543,127 @@ def test_dit_learns_per_condition_gaussians(cond):
         mean_err = (z[k == j].mean(0) - mu[j]).square().mean().sqrt()
         spread = z[k == j].std(0).mean() / sigma[j]
         assert mean_err < 0.1 and 0.8 < spread < 1.2, (j, mean_err.item(), spread.item())
+
+
+# ----------------------------------------------------------------------------- the released checkpoints (official layouts)
+def official_ddt_shapes(E, depth, heads, H, head_depth, head_heads, C=768, grid=16, classes=1000):
+    """Every tensor of RAE's DiTwDDTHead (its stage2_model.pt), written down from the official module tree."""
+    N, h = grid * grid, lambda d: int(2 / 3 * int(4 * d))
+    s = {"pos_embed": (1, N, E), "x_embedder.proj.weight": (H, C, 1, 1), "x_embedder.proj.bias": (H,),
+         "s_embedder.proj.weight": (E, C, 1, 1), "s_embedder.proj.bias": (E,), "s_projector.weight": (H, E),
+         "s_projector.bias": (H,), "t_embedder.W": (256,), "t_embedder.mlp.0.weight": (E, 512),
+         "t_embedder.mlp.0.bias": (E,), "t_embedder.mlp.2.weight": (E, E), "t_embedder.mlp.2.bias": (E,),
+         "y_embedder.embedding_table.weight": (classes + 1, E), "final_layer.norm_final.weight": (H,),
+         "final_layer.linear.weight": (C, H), "final_layer.linear.bias": (C,),
+         "final_layer.adaLN_modulation.1.weight": (2 * H, H), "final_layer.adaLN_modulation.1.bias": (2 * H,),
+         "enc_feat_rope.freqs_cos": (N, E // heads), "enc_feat_rope.freqs_sin": (N, E // heads),
+         "dec_feat_rope.freqs_cos": (N, H // head_heads), "dec_feat_rope.freqs_sin": (N, H // head_heads)}
+    for i in range(depth + head_depth):
+        D = E if i < depth else H
+        s |= {f"blocks.{i}.{k}": v for k, v in {
+            "norm1.weight": (D,), "norm2.weight": (D,), "attn.qkv.weight": (3 * D, D), "attn.qkv.bias": (3 * D,),
+            "attn.proj.weight": (D, D), "attn.proj.bias": (D,), "mlp.w12.weight": (2 * h(D), D),
+            "mlp.w12.bias": (2 * h(D),), "mlp.w3.weight": (D, h(D)), "mlp.w3.bias": (D,),
+            "adaLN_modulation.1.weight": (6 * D, D), "adaLN_modulation.1.bias": (6 * D,)}.items()}
+    return s
+
+
+def scale_rae_dit_shapes(D=2048, depth=32, heads=32, C=1152, Dc=2048, N=256):
+    """Every tensor of Scale-RAE's released LightningDiT (diff_head.model.*, prefix dropped), from its module tree."""
+    h = int(2 / 3 * int(4 * D))
+    s = {"pos_embed": (1, N, D), "x_embedder.proj.weight": (D, C, 1, 1), "x_embedder.proj.bias": (D,),
+         "t_embedder.mlp.0.weight": (Dc, 512), "t_embedder.mlp.0.bias": (Dc,), "t_embedder.mlp.2.weight": (Dc, Dc),
+         "t_embedder.mlp.2.bias": (Dc,), "y_embedder.dropout_embedding": (Dc,), "final_layer.norm_final.weight": (D,),
+         "final_layer.linear.weight": (C, D), "final_layer.linear.bias": (C,),
+         "final_layer.adaLN_modulation.1.weight": (2 * D, Dc), "final_layer.adaLN_modulation.1.bias": (2 * D,),
+         "feat_rope.freqs_cos": (N, D // heads), "feat_rope.freqs_sin": (N, D // heads)}
+    for i in range(depth):
+        s |= {f"dit_blocks.{i}.{k}": v for k, v in {
+            "norm1.weight": (D,), "norm2.weight": (D,), "attn.qkv.weight": (3 * D, D), "attn.qkv.bias": (3 * D,),
+            "attn.proj.weight": (D, D), "attn.proj.bias": (D,), "mlp.w12.weight": (2 * h, D), "mlp.w12.bias": (2 * h,),
+            "mlp.w3.weight": (D, h), "mlp.w3.bias": (D,), "adaLN_modulation.1.weight": (6 * D, Dc),
+            "adaLN_modulation.1.bias": (6 * D,)}.items()}
+    return s
+
+
+@pytest.mark.parametrize("name, shapes, kind, params", [
+    ("DiT^DH-XL", official_ddt_shapes(1152, 28, 16, 2048, 2, 16), "rae", 838_675_796),
+    ("DiT^DH-S", official_ddt_shapes(384, 12, 6, 2048, 2, 16), "rae", 196_455_764),
+    ("DiT^DH-XL 512 px", official_ddt_shapes(1152, 28, 16, 2048, 2, 16, grid=32), "rae", 839_560_532),
+    ("Scale-RAE 2.4B", scale_rae_dit_shapes(), "scale-rae", 2_435_944_896)])
+def test_official_dits_round_trip_every_key_and_shape_at_full_size(name, shapes, kind, params):
+    """Import then export on the meta device gives back exactly the official keys and shapes (parameter counts as
+    released-checkpoints.md counts them: frozen tables included, RoPE buffers not)."""
+    state = {k: torch.empty(v, device="meta") for k, v in shapes.items()}
+    assert sum(v.numel() for k, v in state.items() if "rope" not in k) == params
+    cfg = dit.official_config(state, kind)
+    with torch.device("meta"):
+        model = DiT(cfg)
+    ours = dit.official_state(state, cfg, kind)
+    model.load_state_dict(ours, assign=True)  # strict: every key of our model, no other
+    back = dit.official_state(model.state_dict(), cfg, kind, to_ours=False)
+    if kind == "scale-rae":
+        assert "t_embedder.freqs" in ours  # regenerated: the file has no t_embedder.W
+    assert {k: tuple(v.shape) for k, v in back.items()} == shapes
+
+
+def test_official_import_is_exact_on_random_weights_both_ways():
+    """Our DiT -> official layout -> our DiT gives the same tensors and the same outputs (DiT^DH, LightningDiT and
+    Scale-RAE's per-token mode with a condition narrower than the trunk)."""
+    torch.manual_seed(0)
+    for kw, kind in [(dict(cond="class", ddt_depth=1, ddt_width=64, ddt_heads=4, cond_silu=True), "rae"),
+                     (dict(cond="class"), "rae"), (dict(cond="tokens", cond_dim=16, cond_silu=True), "scale-rae")]:
+        cfg = DiTConfig(in_channels=8, num_tokens=16, hidden_size=32, depth=2, num_heads=4, num_classes=5,
+                        connector_depth=0, **kw)
+        model = DiT(cfg)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.2)
+            model.t_embedder.freqs.copy_(dit.scale_rae_freqs()) if kind == "scale-rae" else None
+        theirs = dit.official_state(model.state_dict(), cfg, kind, to_ours=False)
+        assert dit.official_config(theirs, kind) == cfg
+        loaded = dit.load_official(theirs, kind, "tiny")
+        x, t, drop = torch.randn(3, 16, 8), torch.rand(3), torch.tensor([False, True, False])
+        y = torch.randint(0, 5, (3,)) if kind == "rae" else torch.randn(3, 16, 16)
+        assert torch.equal(model(x, t, y, drop), loaded(x, t, y, drop))
+
+
+def test_official_rope_order_is_the_neighbour_pairing():
+    """Official RoPE rotates channel pairs (2i, 2i + 1) with each frequency repeated twice, rows then columns: our
+    table with its columns reordered and our rotation of permuted channels give their rotation exactly."""
+    grid, hd = 4, 8
+    freqs = 1 / 10000 ** (torch.arange(0, hd // 2, 2).float() / (hd // 2))  # (hd/4,)
+    pos = torch.arange(grid).float()
+    row = (pos[:, None] * freqs).repeat_interleave(2, dim=1)  # (grid, hd/2): neighbours share a frequency
+    table = torch.cat([row[:, None].expand(grid, grid, -1), row[None].expand(grid, grid, -1)], -1).reshape(-1, hd)
+    q = torch.randn(1, 1, grid * grid, hd)
+    rot = torch.stack([-q[..., 1::2], q[..., ::2]], -1).flatten(-2)  # their rotate_half
+    theirs = q * table.cos() + rot * table.sin()
+    order = dit.rope_order(hd)
+    ours = apply_rope(q[..., order], torch.stack([table.cos(), table.sin()])[..., order])
+    torch.testing.assert_close(ours, theirs[..., order], atol=1e-6, rtol=0)
+    torch.testing.assert_close(rope_2d(grid, hd)[..., :], torch.stack([table.cos(), table.sin()])[..., order],
+                               atol=1e-6, rtol=0)
+
+
+def test_official_schedules():
+    """RAE: 49 Euler steps on 1 - linspace(0, 0.999, 50) shifted by sqrt(48); Scale-RAE: 48 steps down its respaced
+    grid, then the last step back up to t = 1 (49 model calls). Values as released-checkpoints.md lists them."""
+    rae = dit.official_schedule("rae", math.sqrt(48))
+    assert len(rae) == 49 and rae[0][0] == 1.0 and all(a[1] == b[0] for a, b in zip(rae, rae[1:]))
+    assert [round(t, 5) for t, _ in rae[:4]] == [1.0, 0.99701, 0.9939, 0.99068]
+    assert [round(t, 5) for _, t in rae[-3:]] == [0.23198, 0.13151, 0.00689]
+    srae = dit.official_schedule("scale-rae", math.sqrt(72))
+    assert len(srae) == 49 and round(srae[0][0], 5) == 0.9976 and round(srae[-2][1], 6) == 0.008422
+    assert srae[-1] == (srae[0][0], 1.0)  # the odd last step: from the first time up to t = 1
+    v = torch.full((1, 4, 2), 0.5)  # a constant field is integrated exactly along any schedule
+    x = sample(lambda x, t, c, d: v, torch.zeros(1, 4, 2), None, 1.0, schedule=rae)
+    torch.testing.assert_close(x, v * (rae[-1][1] - 1.0))
+
+
+def test_scale_rae_time_frequencies_are_the_official_seeded_draw():
+    """Scale-RAE does not store its Gaussian-Fourier frequencies: they are torch.normal from seed 114514 (pinned here, so
+    a torch whose generator drew otherwise would fail)."""
+    w = dit.scale_rae_freqs()
+    assert w.shape == (256,)
+    torch.testing.assert_close(w[:4], torch.tensor([0.164998, -0.4287392, -0.0242669, 0.1494236]), atol=1e-6, rtol=0)
