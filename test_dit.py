@@ -611,10 +611,10 @@ def test_official_import_is_exact_on_random_weights_both_ways():
     """Our DiT -> official layout -> our DiT gives the same tensors and the same outputs (DiT^DH, LightningDiT and
     Scale-RAE's per-token mode with a condition narrower than the trunk)."""
     torch.manual_seed(0)
-    for kw, kind in [(dict(cond="class", ddt_depth=1, ddt_width=64, ddt_heads=4, cond_silu=True), "rae"),
-                     (dict(cond="class"), "rae"), (dict(cond="tokens", cond_dim=16, cond_silu=True), "scale-rae")]:
-        cfg = DiTConfig(in_channels=8, num_tokens=16, hidden_size=32, depth=2, num_heads=4, num_classes=5,
-                        connector_depth=0, **kw)
+    for kw, kind in [(dict(cond="class", num_classes=5, ddt_depth=1, ddt_width=64, ddt_heads=4, cond_silu=True), "rae"),
+                     (dict(cond="class", num_classes=5), "rae"), (dict(cond="tokens", cond_dim=16, cond_silu=True),
+                                                                   "scale-rae")]:
+        cfg = DiTConfig(in_channels=8, num_tokens=16, hidden_size=32, depth=2, num_heads=4, connector_depth=0, **kw)
         model = DiT(cfg)
         with torch.no_grad():
             for p in model.parameters():
