@@ -575,9 +575,10 @@ def official_names(cfg, kind):
     return names + [(f"{o}.{p}", f"{blocks}.{i}.{p}") for i, o in enumerate(ours) for p in parts]
 
 
-def official_config(state, kind, num_heads=None):
+def official_config(state, kind, num_heads=None, head_depth=None):
     """The DiTConfig of an official state dict, from its shapes. Heads are not in any weight shape: they come from
-    the RoPE table's width (the head size), or from num_heads (a Scale-RAE snapshot's config.json) without one."""
+    the RoPE table's width (the head size), or from num_heads (a Scale-RAE snapshot's config.json) without one. A DiT^DH
+    whose trunk is as wide as its head needs head_depth: its blocks are then all alike."""
     ddt = "s_embedder.proj.weight" in state
     D, C = state["s_embedder.proj.weight" if ddt else "x_embedder.proj.weight"].shape[:2]  # (D, C, 1, 1)
     blocks = "dit_blocks." if kind == "scale-rae" else "blocks."
@@ -589,6 +590,10 @@ def official_config(state, kind, num_heads=None):
         raise ValueError("no RoPE table to read the number of heads from: pass num_heads")
     Dc = state["t_embedder.mlp.0.weight"].shape[0]  # the condition's width (Scale-RAE's z_channels)
     depth = sum(w == D for w in widths) if ddt else n  # the trunk's blocks have its width, the head's are wider
+    if ddt and depth == n:
+        if head_depth is None:
+            raise ValueError(f"trunk and head are both {D} wide: pass the number of head blocks (head_depth)")
+        depth = n - head_depth
     w12 = state[f"{blocks}0.mlp.w12.weight"].shape[0] // 2  # SwiGLU hidden = int(2/3 * int(r * D))
     ratio = next((r for r in (4.0, 2.0, 3.0, 6.0, 8.0) if mlp_hidden(D, r) == w12), w12 * 1.5 / D)
     cfg = DiTConfig(in_channels=C, num_tokens=state["pos_embed"].shape[1], hidden_size=D, depth=depth,
@@ -657,10 +662,10 @@ def official_state(state, cfg, kind, to_ours=True):
     return out
 
 
-def load_official(state, kind, path, num_heads=None, device=None, dtype=torch.float32):
+def load_official(state, kind, path, num_heads=None, device=None, dtype=torch.float32, head_depth=None):
     """Build (on the meta device) and load a DiT from an official state dict; `path` names it in errors."""
     try:
-        cfg = official_config(state, kind, num_heads)
+        cfg = official_config(state, kind, num_heads, head_depth)
         ours = official_state(state, cfg, kind)
     except KeyError as e:
         raise ValueError(f"{path}: not an official {kind} DiT: no key {e}") from None
@@ -670,13 +675,13 @@ def load_official(state, kind, path, num_heads=None, device=None, dtype=torch.fl
     return model.to(device).eval()
 
 
-def load_rae_dit(path, device=None, dtype=torch.float32):
+def load_rae_dit(path, device=None, dtype=torch.float32, head_depth=None):
     """RAE's released stage2_model.pt (DiT^DH or LightningDiT, any size; a plain state dict or {"ema": ...}) -> DiT.
     model(x (B, N, C), t (B,), y (B,) long, drop (B,) bool) = the official model(x as (B, C, h, w), t,
     where(drop, num_classes, y)), tokens in raster order."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     state = state.get("ema", state.get("model", state))  # a training checkpoint: its EMA weights
-    return load_official(state, "rae", path, device=device, dtype=dtype)
+    return load_official(state, "rae", path, device=device, dtype=dtype, head_depth=head_depth)
 
 
 def load_scale_rae_dit(state, num_heads=None, device=None, dtype=torch.float32, path="Scale-RAE DiT"):

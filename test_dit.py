@@ -7,6 +7,7 @@ schedule (training.lr_at) and one learning test on a known distribution.
 import copy
 import json
 import math
+import os
 import socket
 import types
 from dataclasses import asdict
@@ -667,3 +668,50 @@ def test_scale_rae_time_frequencies_are_the_official_seeded_draw():
     w = dit.scale_rae_freqs()
     assert w.shape == (256,)
     torch.testing.assert_close(w[:4], torch.tensor([0.164998, -0.4287392, -0.0242669, 0.1494236]), atol=1e-6, rtol=0)
+
+
+def fixture(name):
+    """Outputs of the official code on tiny random weights (fixtures/README.md; make_fixtures.py regenerates them)."""
+    return torch.load(os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", name), weights_only=True)
+
+
+def tokens(x):  # the official (B, C, h, w) latent -> our (B, N, C) tokens in raster order
+    return x.flatten(2).transpose(1, 2)
+
+
+@pytest.mark.parametrize("name", ["rae_ditdh.pt", "rae_lightningdit.pt"])
+def test_rae_dits_equal_the_official_modules(name, tmp_path):
+    """load_rae_dit on a stage2_model.pt written by the official DiTwDDTHead / LightningDiT: the forward (a null-class
+    sample included), AutoGuidance, and the official 49-step Euler sampler (torchdiffeq on its grid) on our side."""
+    f = fixture(name)
+    path = tmp_path / "stage2_model.pt"
+    torch.save({"ema": f["state"]} if "ag_out" in f else f["state"], path)  # both containers the release may use
+    model = dit.load_rae_dit(str(path))
+    y, null = f["y"].clone(), f["y"] == f["config"]["num_classes"]
+    out = model(tokens(f["x"]), f["t"], y.masked_fill(null, 0), null)
+    torch.testing.assert_close(out, tokens(f["out"]), atol=1e-5, rtol=1e-5)
+    schedule = dit.official_schedule("rae", f["shift"])
+    torch.testing.assert_close(torch.tensor([t for t, _ in schedule]), f["t_calls"], atol=1e-7, rtol=0)
+    z = sample(model, tokens(f["noise"]), f["y_sample"], f["shift"], schedule=schedule)
+    torch.testing.assert_close(z, tokens(f["euler_out"]), atol=1e-5, rtol=1e-5)
+    if "ag_out" in f:
+        torch.save(f["guide_state"], tmp_path / "guide.pt")
+        with pytest.raises(ValueError, match="head_depth"):  # a trunk as wide as the head: shapes can't tell
+            dit.load_rae_dit(str(tmp_path / "guide.pt"))
+        guide = dit.load_rae_dit(str(tmp_path / "guide.pt"), head_depth=f["guide_config"]["depth"][1])
+        v, v_g = (m(tokens(f["x"]), f["t"], y.masked_fill(null, 0), null) for m in (model, guide))
+        torch.testing.assert_close(v_g + f["ag_scale"] * (v - v_g), tokens(f["ag_out"]), atol=1e-5, rtol=1e-5)
+
+
+def test_scale_rae_dit_equals_the_official_module_and_sampler():
+    """load_scale_rae_dit on the official LightningDiT's state (with the snapshot's diff_head.model. prefix): the
+    regenerated time frequencies, the forward with per-token conditions, and the rectified-flow sampler's 49 steps."""
+    f = fixture("scale_rae_dit.pt")
+    model = dit.load_scale_rae_dit({"diff_head.model." + k: v for k, v in f["state"].items()})
+    assert torch.equal(model.t_embedder.freqs, f["W"])
+    keep = torch.zeros(3, dtype=torch.bool)
+    torch.testing.assert_close(model(tokens(f["x"]), f["t"], f["y"], keep), tokens(f["out"]), atol=1e-5, rtol=1e-5)
+    schedule = dit.official_schedule("scale-rae", f["shift"])
+    assert schedule == [tuple(s) for s in f["steps"].tolist()]
+    z = sample(model, tokens(f["x_end"]), f["z_cond"], f["shift"], schedule=schedule)
+    torch.testing.assert_close(z, f["infer_out"], atol=1e-5, rtol=1e-5)
