@@ -12,6 +12,7 @@ Every file is a plain dict of tensors/primitives (torch.load(..., weights_only=T
 the keys. Nothing in the project imports this script.
 """
 import argparse
+import importlib
 import math
 import os
 import sys
@@ -89,6 +90,11 @@ def state_of(model):
     return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
 
 
+def official(name):
+    """An official module, by name (the checkouts are on sys.path / stubbed packages after install_stubs)."""
+    return importlib.import_module(name)
+
+
 def git_head(root):
     head = os.popen(f"git -C {root} rev-parse HEAD 2>/dev/null").read().strip()
     return head or "unknown"
@@ -97,7 +103,8 @@ def git_head(root):
 # ----------------------------------------------------------------------------- RAE stage 2: DiT^DH and LightningDiT
 def rae_euler(model_forward, noise, y, shift):
     """The official sampler of §A7: create_transport + Sampler.sample_ode(euler, 50 steps) via torchdiffeq."""
-    from stage2.transport import Sampler, create_transport
+    transport_mod = official("stage2.transport")
+    Sampler, create_transport = transport_mod.Sampler, transport_mod.create_transport
     transport = create_transport(path_type="Linear", prediction="velocity", time_dist_type="uniform",
                                  time_dist_shift=shift)
     sample_fn = Sampler(transport).sample_ode(sampling_method="euler", num_steps=50, atol=1e-6, rtol=1e-3,
@@ -147,8 +154,8 @@ def make_rae_dit(cls, config, seed, out_path, guide_config=None):
 
 # ----------------------------------------------------------------------------- RAE stage 1: GeneralDecoder
 def make_rae_decoder(seed, out_path):
-    from stage1.decoders.decoder import GeneralDecoder
-    from stage1.decoders.utils import ViTMAEConfig
+    GeneralDecoder = official("stage1.decoders.decoder").GeneralDecoder
+    ViTMAEConfig = official("stage1.decoders.utils").ViTMAEConfig
     config = dict(hidden_size=8, decoder_hidden_size=64, decoder_num_hidden_layers=2, decoder_num_attention_heads=4,
                   decoder_intermediate_size=128, patch_size=4, image_size=16, layer_norm_eps=1e-12, hidden_act="gelu")
     num_patches = 16
@@ -169,8 +176,9 @@ def make_rae_decoder(seed, out_path):
 
 # ----------------------------------------------------------------------------- Scale-RAE: LightningDiT + RF sampler
 def make_scale_rae(seed, out_path):
-    from scale_rae.model.diffusion_loss.diffloss import FullSequenceRectifiedFlowProjector
-    from scale_rae.model.diffusion_loss.models.lightningDiT import LightningDiT
+    diffloss = official("scale_rae.model.diffusion_loss.diffloss")
+    FullSequenceRectifiedFlowProjector = diffloss.FullSequenceRectifiedFlowProjector
+    LightningDiT = official("scale_rae.model.diffusion_loss.models.lightningDiT").LightningDiT
     config = dict(input_size=4, patch_size=1, in_channels=8, hidden_size=32, depth=2, num_heads=4,
                   class_dropout_prob=0.1, z_channels=16, cond_silu=True)
     torch.manual_seed(seed)
@@ -211,8 +219,8 @@ def make_scale_rae(seed, out_path):
 # ----------------------------------------------------------------------------- main
 def main(args):
     install_stubs(args.rae, args.scale_rae)
-    from stage2.models.DDT import DiTwDDTHead
-    from stage2.models.lightningDiT import LightningDiT
+    DiTwDDTHead = official("stage2.models.DDT").DiTwDDTHead
+    LightningDiT = official("stage2.models.lightningDiT").LightningDiT
     os.makedirs(args.out, exist_ok=True)
     ddt = dict(input_size=4, patch_size=1, in_channels=8, hidden_size=[32, 64], depth=[2, 1], num_heads=[4, 4],
                mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=10, use_qknorm=False, use_swiglu=True,
