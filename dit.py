@@ -20,6 +20,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import ckpt
+# flow matching and the sampler live in flow.py (they work with any model); dit.* keeps their public names
+from flow import flow_loss, loss_per_t_bin, official_schedule, sample, sample_t, shift_alpha, time_shift  # noqa: F401
+from released import official_config, official_state
 
 
 @dataclass
@@ -392,130 +395,6 @@ def flops(cfg, training=True):
     return 3 * f if training else f
 
 
-# ----------------------------------------------------------------------------- flow matching: time shift, loss
-def shift_alpha(num_tokens, channels, base=4096):
-    """Dimension-dependent shift a = sqrt(N * C / base): sqrt(72) ~ 8.49 for 256 x 1152, 2 for 256 x 64 (FLUX VAE).
-    More dimensions keep more signal at a given noise level, so training and sampling spend more time near t = 1."""
-    return math.sqrt(num_tokens * channels / base)
-
-
-def time_shift(t, a):
-    """t' = a t / (1 + (a - 1) t), written as a t / (a t + 1 - t) so that 0 and 1 map exactly to themselves."""
-    return a * t / (a * t + 1 - t)
-
-
-def sample_t(B, alpha, generator=None, device=None):
-    """Training times: logit-normal t = sigmoid(N(0, 1)), then shifted (median a / (a + 1): 0.895 for a = sqrt(72))."""
-    return time_shift(torch.sigmoid(torch.randn(B, generator=generator, device=device)), alpha)
-
-
-def flow_loss(model, z, cond, alpha, p_drop=0.1, generator=None, noise=None):
-    """Rectified-flow loss on clean latents z (B, N, C): x_t = (1 - t) z + t eps, target v = eps - z, plain MSE
-    (no weighting, as both papers). Returns (loss, per-sample loss (B,), t (B,)); the last two for loss_per_t_bin.
-    `noise` = (t, eps, drop) drawn by the caller replaces the draws (train_dit.py draws them per sample so that
-    any split of a batch over ranks gives the same numbers)."""
-    B = z.shape[0]
-    if noise is None:
-        t = sample_t(B, alpha, generator, z.device)
-        eps = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
-        drop = torch.rand(B, generator=generator, device=z.device) < p_drop  # condition dropout, for CFG
-    else:
-        t, eps, drop = noise
-    tt = t.to(z.dtype)[:, None, None]
-    v = model((1 - tt) * z + tt * eps, t, cond, drop)  # (B, N, C)
-    per_sample = (v.float() - (eps - z).float()).square().mean(dim=(1, 2))  # (B,)
-    return per_sample.mean(), per_sample, t
-
-
-def loss_per_t_bin(per_sample_loss, t, bins=10):
-    """Loss summed per t-bin, and counts: (bins,), (bins,), a per-noise-level view of training (as minRF logs it).
-    Sums rather than means, so a loop can accumulate them over steps (and all-reduce over ranks) before dividing."""
-    idx = (t.detach() * bins).long().clamp(0, bins - 1)  # (B,)
-    sums = torch.zeros(bins, device=t.device).index_add_(0, idx, per_sample_loss.detach().float())
-    return sums, torch.bincount(idx, minlength=bins)
-
-
-# ----------------------------------------------------------------------------- sampler
-@torch.no_grad()
-def sample(model, noise, cond, alpha, steps=50, method="euler", guidance=1.0, guidance_interval=(0.0, 1.0),
-           guide=None, progress=None, eta=1.0, generator=None, schedule=None):
-    """Integrate dx/dt = v(x, t) from t = 1 (noise (B, N, C)) to t = 0 on the shifted grid
-    time_shift(linspace(1, 0, steps + 1), alpha), with Euler (steps NFEs) or Heun (2 * steps NFEs).
-    schedule: a list of (t, t_next) steps replaces that grid (official_schedule: the released models' samplers).
-    Classifier-free guidance: v = v_u + guidance * (v_c - v_u) where t is in guidance_interval (conditional only
-    elsewhere), cond and uncond batched in one forward. AutoGuidance (RAE, after Karras et al. 2024): with a `guide`
-    model (a smaller or less trained DiT of the same latent and condition), v = v_g + guidance * (v - v_g), both
-    models given the same condition. Only model(x, t, cond, drop) is called, so any wrapper (DDP,
-    FSDP, compile) works; the price is that the text connector reruns at every step (a few blocks next to the
-    trunk's depth). progress: None, or a wrapper of the step range that shows progress (e.g. tqdm.tqdm).
-    "stochastic": each step splits x_t into the model's clean estimate x0 = x - t v and noise estimate e = x + (1 - t) v,
-    and steps to x_s = (1 - s) x0 + s (sqrt(1 - eta^2) e + eta xi) with fresh noise xi (B, N, C) from `generator`:
-    one torch.Generator, or a list of B (row b's noise from generator[b], so a sample does not depend on its batch).
-    eta = 0 is exactly Euler; eta = 1 re-noises the clean estimate (multistep consistency-model sampling). Fresh
-    noise lets later steps correct what earlier ones got wrong (on the toy demo it draws better shapes than Euler)."""
-    if method not in ("euler", "heun", "stochastic"):
-        raise ValueError(f"method must be 'euler', 'heun' or 'stochastic', got {method!r}")
-    if not 0.0 <= eta <= 1.0:
-        raise ValueError(f"eta must be in [0, 1], got {eta}")
-    if isinstance(generator, (list, tuple)) and len(generator) != noise.shape[0]:  # one short would broadcast
-        raise ValueError(f"generator: a list needs one per sample ({noise.shape[0]}), got {len(generator)}")
-    if schedule is None:  # our grid ends exactly at t = 0 (the official samplers stop short of it: official_schedule)
-        ts = time_shift(torch.linspace(1, 0, steps + 1, dtype=torch.float64), alpha).tolist()
-        schedule = list(zip(ts[:-1], ts[1:]))
-    B = noise.shape[0]
-    keep = torch.zeros(B, dtype=torch.bool, device=noise.device)
-    if guidance != 1.0 and guide is None:
-        cond2, drop2 = torch.cat([cond, cond]), torch.cat([keep, ~keep])  # [conditional ; null]
-
-    def velocity(x, t):
-        tb = torch.full((B,), t, device=x.device, dtype=x.dtype)
-        if guidance == 1.0 or not guidance_interval[0] <= t <= guidance_interval[1]:
-            return model(x, tb, cond, keep)
-        if guide is not None:  # the weaker model takes the place of the unconditional prediction
-            v, v_g = model(x, tb, cond, keep), guide(x, tb, cond, keep)
-            return v_g + guidance * (v - v_g)
-        v_c, v_u = model(torch.cat([x, x]), torch.cat([tb, tb]), cond2, drop2).chunk(2)  # 2 x (B, N, C)
-        return v_u + guidance * (v_c - v_u)
-
-    x = noise
-    for t, t_next in progress(schedule) if progress else schedule:
-        v = velocity(x, t)
-        if method == "euler":
-            x = x + (t_next - t) * v
-        elif method == "stochastic":
-            x0, e = x - t * v, x + (1 - t) * v  # (B, N, C) each; x = (1 - t) x0 + t e
-            if isinstance(generator, (list, tuple)):  # one generator per row
-                xi = torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device, dtype=x.dtype)
-                                  for g in generator])
-            else:
-                xi = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x = (1 - t_next) * x0 + t_next * ((1 - eta**2) ** 0.5 * e + eta * xi)
-        else:  # Heun: average the slopes at both ends of the step (trapezoid rule, second order)
-            x_next = x + (t_next - t) * v
-            x = x + (t_next - t) * 0.5 * (v + velocity(x_next, t_next))
-    return x
-
-
-def official_schedule(kind, alpha):
-    """The (t, t_next) Euler steps of the released models' samplers, so that their latents can be reproduced.
-    "rae": RAE's sample_ddp.py: the float32 grid 1 - linspace(0, 0.999, 50), shifted, as 49 steps (it stops at
-    t ~ 0.0069: torchdiffeq's Euler on that grid). "scale-rae": Scale-RAE's rectified-flow sampler: 1000 shifted times
-    time_shift((j + 1) / 1000), of which the 50 respaced ones (round((j * 999) / 49)) are walked down from the second
-    largest to the smallest (48 steps, ending at t ~ 0.0084), then one last step from the second largest time up to
-    t = 1 (+0.0024 for a = sqrt(72)) on the nearly clean sample: 49 model calls, as the released code does."""
-    if kind == "rae":
-        t = 1 - torch.linspace(0, 0.999, 50)  # float32, as the official code
-        ts = (alpha * t / (1 + (alpha - 1) * t)).tolist()
-        return list(zip(ts[:-1], ts[1:]))
-    if kind == "scale-rae":
-        ts = [alpha * t / (1 + (alpha - 1) * t) for t in torch.linspace(1 / 1000, 1, 1000, dtype=torch.float64).tolist()]
-        used = [ts[round(j * 999 / 49)] for j in range(50)]  # space_timesteps(1000, "50"): a stride of 999 / 49
-        f32 = lambda u: torch.tensor(u, dtype=torch.float32).item()  # the official loop feeds float32 times
-        steps = [(used[i], used[i - 1]) for i in range(48, 0, -1)] + [(used[48], used[49])]
-        return [(f32(a), f32(b)) for a, b in steps]
-    raise ValueError(f"official schedule must be 'rae' or 'scale-rae', got {kind!r}")
-
-
 # ----------------------------------------------------------------------------- loading an export
 def load_dit(path, device=None):
     """A train_dit.py export (dit.safetensors, or the run folder that holds it: EMA weights, with the DiTConfig, the
@@ -542,130 +421,10 @@ def load_dit(path, device=None):
 
 
 # ----------------------------------------------------------------------------- the released checkpoints of both papers
-# Their DiTs compute what ours computes, with other names and three layout choices: a 1x1 conv for the patch embedding,
-# the null class as row num_classes of the label table, and RoPE rotating neighbouring channels (2i, 2i + 1) where
-# ours rotates (i, i + hd/2). The first two are reshapes; the last is a fixed permutation of each head's q and k
-# channels (q.k is unchanged when both are permuted alike, and v is untouched). Every fixed table (positions, RoPE,
-# time frequencies) is taken from the file, never regenerated, except Scale-RAE's time frequencies, which it does
-# not store. The conversion goes both ways (official_state), so a test can round-trip every key and shape.
-def rope_order(head_dim):
-    """Our q/k channel j is their channel order[j]: our pair (j, j + hd/2) is their pair (2j, 2j + 1)."""
-    half = torch.arange(head_dim // 2)
-    return torch.cat([2 * half, 2 * half + 1])  # (hd,)
-
-
-def permute_qk(w, heads, order):
-    """Reorder the q and k rows of a fused qkv weight (3D, D) or bias (3D,) within each head; v rows stay."""
-    w3 = w.reshape(3, heads, -1, *w.shape[1:])  # (3, H, hd, ...)
-    return torch.cat([w3[:2, :, order], w3[2:]]).reshape(w.shape)
-
-
-def official_names(cfg, kind):
-    """(our name, their name) of every Linear and norm of a DiT with cfg, for kind "rae" (RAE's DiT^DH or LightningDiT)
-    or "scale-rae" (Scale-RAE's LightningDiT with per-token conditions); the rest is converted in official_state."""
-    ddt = cfg.ddt_depth > 0
-    names = [("x_embedder", "s_embedder.proj" if ddt else "x_embedder.proj"), ("t_embedder.mlp.0",) * 2,
-             ("t_embedder.mlp.2",) * 2, ("final_layer.norm", "final_layer.norm_final"),
-             ("final_layer.linear",) * 2, ("final_layer.adaLN_modulation.1",) * 2]
-    if ddt:
-        names += [("head_embedder", "x_embedder.proj"), ("s_proj", "s_projector")]
-    blocks = "dit_blocks" if kind == "scale-rae" else "blocks"
-    ours = [f"blocks.{i}" for i in range(cfg.depth)] + [f"head_blocks.{i}" for i in range(cfg.ddt_depth)]
-    parts = ("norm1", "norm2", "attn.qkv", "attn.proj", "mlp.w12", "mlp.w3", "adaLN_modulation.1")
-    return names + [(f"{o}.{p}", f"{blocks}.{i}.{p}") for i, o in enumerate(ours) for p in parts]
-
-
-def official_config(state, kind, num_heads=None, head_depth=None):
-    """The DiTConfig of an official state dict, from its shapes. Heads are not in any weight shape: they come from
-    the RoPE table's width (the head size), or from num_heads (a Scale-RAE snapshot's config.json) without one. A DiT^DH
-    whose trunk is as wide as its head needs head_depth: its blocks are then all alike."""
-    ddt = "s_embedder.proj.weight" in state
-    D, C = state["s_embedder.proj.weight" if ddt else "x_embedder.proj.weight"].shape[:2]  # (D, C, 1, 1)
-    blocks = "dit_blocks." if kind == "scale-rae" else "blocks."
-    n = len({k.split(".")[1] for k in state if k.startswith(blocks)})
-    widths = [state[f"{blocks}{i}.norm1.weight"].numel() for i in range(n)]
-    table = state.get("enc_feat_rope.freqs_cos" if ddt else "feat_rope.freqs_cos")  # (N, head_dim)
-    heads = D // table.shape[1] if table is not None else num_heads
-    if heads is None:
-        raise ValueError("no RoPE table to read the number of heads from: pass num_heads")
-    Dc = state["t_embedder.mlp.0.weight"].shape[0]  # the condition's width (Scale-RAE's z_channels)
-    depth = sum(w == D for w in widths) if ddt else n  # the trunk's blocks have its width, the head's are wider
-    if ddt and depth == n:
-        if head_depth is None:
-            raise ValueError(f"trunk and head are both {D} wide: pass the number of head blocks (head_depth)")
-        depth = n - head_depth
-    w12 = state[f"{blocks}0.mlp.w12.weight"].shape[0] // 2  # SwiGLU hidden = int(2/3 * int(r * D))
-    ratio = next((r for r in (4.0, 2.0, 3.0, 6.0, 8.0) if mlp_hidden(D, r) == w12), w12 * 1.5 / D)
-    cfg = DiTConfig(in_channels=C, num_tokens=state["pos_embed"].shape[1], hidden_size=D, depth=depth,
-                    num_heads=heads, mlp_ratio=ratio, cond="tokens" if kind == "scale-rae" else "class",
-                    cond_dim=Dc if Dc != D else 0, cond_silu=ddt or kind == "scale-rae",
-                    connector_depth=0)
-    if ddt:
-        W = state["x_embedder.proj.weight"].shape[0]
-        cfg.ddt_depth, cfg.ddt_width, cfg.ddt_heads = n - depth, W, W // state["dec_feat_rope.freqs_cos"].shape[1]
-    if kind == "rae":
-        cfg.num_classes = state["y_embedder.embedding_table.weight"].shape[0] - 1  # the last row is the null class
-    return cfg
-
-
-def scale_rae_freqs(n=256):
-    """Scale-RAE's time-embedding frequencies: not in its files, drawn at construction from a fixed seed."""
-    return torch.normal(0.0, 1.0, (n,), generator=torch.Generator().manual_seed(114514)).float()
-
-
-def official_state(state, cfg, kind, to_ours=True):
-    """Convert a state dict from the official names and layouts to ours (to_ours=False: ours to theirs)."""
-    pairs = [(o, t) if to_ours else (t, o) for o, t in official_names(cfg, kind)]  # (destination, source)
-    out = {f"{d}.{p}": state[f"{s}.{p}"] for d, s in pairs for p in ("weight", "bias") if f"{s}.{p}" in state}
-    C, ddt = cfg.in_channels, cfg.ddt_depth > 0
-    # 1x1 convs (D, C, 1, 1) <-> Linears (D, C)
-    for o, t in [("x_embedder", "s_embedder" if ddt else "x_embedder")] + [("head_embedder", "x_embedder")] * ddt:
-        if to_ours:
-            out[f"{o}.weight"] = out[f"{o}.weight"].flatten(1)
-        else:
-            out[f"{t}.proj.weight"] = out[f"{t}.proj.weight"][:, :, None, None]
-    if to_ours:
-        if ddt and "s_projector.weight" not in state:  # a trunk as wide as the head: nn.Identity in the official code
-            out["s_proj.weight"], out["s_proj.bias"] = torch.eye(cfg.ddt_width), torch.zeros(cfg.ddt_width)
-        for p in ("weight", "bias"):  # learn-sigma files predict 2C channels: the velocity is the first C
-            out[f"final_layer.linear.{p}"] = out[f"final_layer.linear.{p}"][:C]
-    # RoPE: every block's q, k rows and the tables' columns in the other channel order
-    ropes = [("blocks.", "rope", "enc_feat_rope" if ddt else "feat_rope", cfg.num_heads, cfg.hidden_size)]
-    ropes += [("head_blocks.", "head_rope", "dec_feat_rope", cfg.ddt_heads, cfg.ddt_width)] * ddt
-    for prefix, ours, theirs, heads, width in ropes:
-        order = rope_order(width // heads) if to_ours else torch.argsort(rope_order(width // heads))
-        if to_ours and f"{theirs}.freqs_cos" in state:
-            out[ours] = torch.stack([state[f"{theirs}.freqs_{f}"][:, order] for f in ("cos", "sin")])  # (2, N, hd)
-        elif not to_ours:
-            out[f"{theirs}.freqs_cos"], out[f"{theirs}.freqs_sin"] = state[ours][:, :, order]  # (N, hd) each
-        for o, t in official_names(cfg, kind):
-            if o.startswith(prefix) and o.endswith("attn.qkv"):
-                for p in ("weight", "bias"):
-                    d = f"{o}.{p}" if to_ours else f"{t}.{p}"
-                    out[d] = permute_qk(out[d], heads, order)
-    # positions, time frequencies, the label table and the null condition
-    if to_ours:
-        out["pos_embed"] = state["pos_embed"][0]  # (N, D)
-        out["t_embedder.freqs"] = scale_rae_freqs() if kind == "scale-rae" else state["t_embedder.W"]
-        if kind == "rae":
-            table = state["y_embedder.embedding_table.weight"]  # (num_classes + 1, D)
-            out["class_embedder.weight"], out["null_cond"] = table[:-1], table[-1]
-        else:
-            out["null_cond"] = state["y_embedder.dropout_embedding"]
-        return out
-    out["pos_embed"] = state["pos_embed"][None]  # (1, N, D)
-    if kind == "rae":
-        out["t_embedder.W"] = state["t_embedder.freqs"]
-        out["y_embedder.embedding_table.weight"] = torch.cat([state["class_embedder.weight"], state["null_cond"][None]])
-    else:
-        out["y_embedder.dropout_embedding"] = state["null_cond"]
-    return out
-
-
 def load_official(state, kind, path, num_heads=None, device=None, dtype=torch.float32, head_depth=None):
     """Build (on the meta device) and load a DiT from an official state dict; `path` names it in errors."""
     try:
-        cfg = official_config(state, kind, num_heads, head_depth)
+        cfg = DiTConfig(**official_config(state, kind, num_heads, head_depth))
         ours = official_state(state, cfg, kind)
     except KeyError as e:
         raise ValueError(f"{path}: not an official {kind} DiT: no key {e}") from None

@@ -20,6 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import ckpt
 import dit
+import released
 import training
 from dit import (PRESETS, DiT, DiTConfig, flops, flow_loss, loss_per_t_bin, rope_2d, apply_rope, sample, sample_t,
                  shift_alpha, time_shift)
@@ -597,12 +598,12 @@ def test_official_dits_round_trip_every_key_and_shape_at_full_size(name, shapes,
     released-checkpoints.md counts them: frozen tables included, RoPE buffers not)."""
     state = {k: torch.empty(v, device="meta") for k, v in shapes.items()}
     assert sum(v.numel() for k, v in state.items() if "rope" not in k) == params
-    cfg = dit.official_config(state, kind)
+    cfg = DiTConfig(**released.official_config(state, kind))
     with torch.device("meta"):
         model = DiT(cfg)
-    ours = dit.official_state(state, cfg, kind)
+    ours = released.official_state(state, cfg, kind)
     model.load_state_dict(ours, assign=True)  # strict: every key of our model, no other
-    back = dit.official_state(model.state_dict(), cfg, kind, to_ours=False)
+    back = released.official_state(model.state_dict(), cfg, kind, to_ours=False)
     if kind == "scale-rae":
         assert "t_embedder.freqs" in ours  # regenerated: the file has no t_embedder.W
     assert {k: tuple(v.shape) for k, v in back.items()} == shapes
@@ -620,9 +621,9 @@ def test_official_import_is_exact_on_random_weights_both_ways():
         with torch.no_grad():
             for p in model.parameters():
                 p.normal_(0, 0.2)
-            model.t_embedder.freqs.copy_(dit.scale_rae_freqs()) if kind == "scale-rae" else None
-        theirs = dit.official_state(model.state_dict(), cfg, kind, to_ours=False)
-        assert dit.official_config(theirs, kind) == cfg
+            model.t_embedder.freqs.copy_(released.scale_rae_freqs()) if kind == "scale-rae" else None
+        theirs = released.official_state(model.state_dict(), cfg, kind, to_ours=False)
+        assert DiTConfig(**released.official_config(theirs, kind)) == cfg
         loaded = dit.load_official(theirs, kind, "tiny")
         x, t, drop = torch.randn(3, 16, 8), torch.rand(3), torch.tensor([False, True, False])
         y = torch.randint(0, 5, (3,)) if kind == "rae" else torch.randn(3, 16, 16)
@@ -640,7 +641,7 @@ def test_official_rope_order_is_the_neighbour_pairing():
     q = torch.randn(1, 1, grid * grid, hd)
     rot = torch.stack([-q[..., 1::2], q[..., ::2]], -1).flatten(-2)  # their rotate_half
     theirs = q * table.cos() + rot * table.sin()
-    order = dit.rope_order(hd)
+    order = released.rope_order(hd)
     ours = apply_rope(q[..., order], torch.stack([table.cos(), table.sin()])[..., order])
     torch.testing.assert_close(ours, theirs[..., order], atol=1e-6, rtol=0)
     torch.testing.assert_close(rope_2d(grid, hd)[..., :], torch.stack([table.cos(), table.sin()])[..., order],
@@ -665,7 +666,7 @@ def test_official_schedules():
 def test_scale_rae_time_frequencies_are_the_official_seeded_draw():
     """Scale-RAE does not store its Gaussian-Fourier frequencies: they are torch.normal from seed 114514 (pinned here, so
     a torch whose generator drew otherwise would fail)."""
-    w = dit.scale_rae_freqs()
+    w = released.scale_rae_freqs()
     assert w.shape == (256,)
     torch.testing.assert_close(w[:4], torch.tensor([0.164998, -0.4287392, -0.0242669, 0.1494236]), atol=1e-6, rtol=0)
 
