@@ -1,8 +1,8 @@
 """The layout rules of the repository, checked on the source: who may import whom, and sizes a reader can finish.
 
 - Model files (ckpt, tokenizer, rae, dit, flow, released, vae, qwen) import only the standard library, torch, numpy,
-  safetensors and  each other, one way; data.py imports no file of this project; toy.py builds its encoder on rae.py; nothing a user
-  runs imports a reference library (transformers, tokenizers, diffusers: bench.py, which compares against them, may).
+  safetensors and each other, one way; data.py imports no file of this project; toy.py builds its encoder on rae.py;
+  nothing a user runs imports a reference library (transformers, tokenizers, diffusers: bench.py, which compares against them, may).
 - No non-test file is over 550 lines, no function over 80.
 """
 import ast
