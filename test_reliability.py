@@ -590,8 +590,8 @@ def test_bad_dit_exports(dit_run, tmp_path):
 def test_sample_raw_loads_the_non_ema_weights(dit_run, monkeypatch):
     """--raw was accepted and ignored (the EMA was sampled); now it loads ckpt.pt's model weights."""
     monkeypatch.chdir(HERE)  # the toy encoder's folder
-    model = sample.load_models(sample.parse_args(["--ckpt", dit_run, "--raw"]), torch.device("cpu"))[0]
-    ema = sample.load_models(sample.parse_args(["--ckpt", dit_run]), torch.device("cpu"))[0]
+    model = sample.load_models(sample.parse_args(["--ckpt", dit_run, "--raw"]), torch.device("cpu")).model
+    ema = sample.load_models(sample.parse_args(["--ckpt", dit_run]), torch.device("cpu")).model
     assert_same_tree(ema.state_dict(), load_file(os.path.join(dit_run, "dit.safetensors")))  # without --raw: the EMA
     ck = read_ckpt(dit_run)
     assert_same_tree(model.state_dict(), ck["model"])

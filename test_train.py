@@ -217,8 +217,9 @@ def test_generate_in_process_equals_sample_py(dit_run, tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the subprocess (OMP_NUM_THREADS=1): the same float sums
     try:
-        z = sample.generate(model, siglip, repeated, float(meta["alpha"]), progress=False, **flags)
-        unguided = sample.generate(model, siglip, repeated, float(meta["alpha"]), progress=False,
+        text = sample.text_conditions(siglip)
+        z = sample.generate(model, text, repeated, float(meta["alpha"]), progress=False, **flags)
+        unguided = sample.generate(model, text, repeated, float(meta["alpha"]), progress=False,
                                    **dict(flags, guidance=1.0))
     finally:
         torch.set_num_threads(threads)

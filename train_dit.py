@@ -185,11 +185,13 @@ def per_sample_noise(seed, step, indices, shape, alpha, p_drop, device):
 
 class FrozenTowers:
     """The frozen models: images -> latents z (B, N, C) (the RAE, or the FLUX VAE with --latent vae), captions ->
-    text states (B, 64, Dt) (the SigLIP-2 text tower). Never trained, wrapped or saved."""
+    text states (B, 64, Dt) (the SigLIP-2 text tower). Never trained, wrapped or saved. They run in fp32 (TF32 matmuls
+    on a GPU), as the official code encodes: only the DiT trains under bf16 autocast. Under bf16 the latents would move
+    by about 1% of their scale, and the released DiTs and decoders were made with fp32 latents."""
     def __init__(self, args, run):
         device = run.device
         self.siglip = toy.load_encoder(args.encoder or "toy").to(device)
-        self.kind, self.device, self.autocast = args.latent, device, run.autocast  # the run's precision
+        self.kind, self.device = args.latent, device
         if args.latent == "rae":
             stats = rae.load_latent_stats(args.stats, self.siglip.vision.pos_embed.shape[1]) if args.stats else None
             self.rae = rae.RAE(self.siglip.vision, stats=stats).to(device)
@@ -202,15 +204,13 @@ class FrozenTowers:
     @torch.no_grad()
     def latents(self, img):
         """img (B, 3, H, W) in [-1, 1] -> z (B, N, C)."""
-        with self.autocast():
-            z = self.rae.encode(img) if self.kind == "rae" else vae.pack(self.vae.encode(img))
+        z = self.rae.encode(img) if self.kind == "rae" else vae.pack(self.vae.encode(img))
         return z.float()
 
     @torch.no_grad()
     def text_states(self, captions):
         """B captions -> (B, 64, Dt), the text tower's last states."""
-        with self.autocast():
-            return self.siglip.text(self.siglip.tokenizer(captions).to(self.device)).float()
+        return self.siglip.text(self.siglip.tokenizer(captions).to(self.device)).float()
 
     def for_cache(self, class_cond, batch):
         """A collated batch -> what --cache-latents stores: z (B, N, C) and text states (B, T, Dt) or labels (B,)."""
