@@ -15,6 +15,58 @@ import unicodedata
 import torch
 
 
+# ----------------------------------------------------------------------------- shared by both BPEs
+def bpe_merge(sym, merges):
+    """Merge the lowest-rank adjacent pair (leftmost on ties) until none is left, as HF `tokenizers` does; O(n log n)
+    with a heap. sym: the word's symbols; merges: {(a, b): (rank, a + b)}. Returns the merged symbols."""
+    sym = list(sym)
+    n = len(sym)
+    nxt = list(range(1, n)) + [-1]
+    prv = list(range(-1, n - 1))
+    heap = [(merges[sym[i], sym[i + 1]][0], i, sym[i], sym[i + 1])
+            for i in range(n - 1) if (sym[i], sym[i + 1]) in merges]
+    heapq.heapify(heap)
+    while heap:
+        _, i, a, b = heapq.heappop(heap)
+        j = nxt[i]
+        if sym[i] != a or j < 0 or sym[j] != b:  # stale: one side was merged away since the push
+            continue
+        sym[i], sym[j] = a + b, None
+        nxt[i] = nxt[j]
+        if nxt[j] >= 0:
+            prv[nxt[j]] = i
+        for l, r in ((prv[i], i), (i, nxt[i])):
+            if l >= 0 and r >= 0 and (sym[l], sym[r]) in merges:
+                heapq.heappush(heap, (merges[sym[l], sym[r]][0], l, sym[l], sym[r]))
+    return [s for s in sym if s is not None]
+
+
+def added_regex(tokens):
+    """One regex over added tokens ({"content", "lstrip", "rstrip", "single_word"} dicts), longest first so that
+    the match is leftmost-longest, as HF's Aho-Corasick split; None for no tokens."""
+    if not tokens:
+        return None
+    alts = []
+    for t in sorted(tokens, key=lambda t: -len(t["content"])):
+        pat = re.escape(t["content"])
+        if t.get("single_word"):
+            pat = r"(?<!\w)" + pat + r"(?!\w)"
+        alts.append((r"\s*" if t.get("lstrip") else "") + "(" + pat + ")" + (r"\s*" if t.get("rstrip") else ""))
+    return re.compile("|".join(alts))
+
+
+def split_added(s, regex, added):
+    """Yield (text, None) for plain stretches of s and (None, id) for the added tokens (added: content -> id)."""
+    pos = 0
+    for m in regex.finditer(s) if regex else ():
+        if m.start() > pos:
+            yield s[pos:m.start()], None
+        yield None, added[next(g for g in m.groups() if g is not None)]
+        pos = m.end()
+    if pos < len(s):
+        yield s[pos:], None
+
+
 # ----------------------------------------------------------------------------- Gemma BPE
 class GemmaTokenizer:
     """Pure-Python BPE equal to HF `tokenizers` on a Gemma tokenizer.json: added tokens split first, then
@@ -54,7 +106,7 @@ class GemmaTokenizer:
         # Added tokens are matched leftmost-longest before normalization (normalized=false), as HF does.
         raw = [t for t in added if not t.get("normalized", False)]
         norm = [t for t in added if t.get("normalized", False)]
-        self.raw_re, self.norm_re = self._added_regex(raw), self._added_regex(norm)
+        self.raw_re, self.norm_re = added_regex(raw), added_regex(norm)
         self.eos_id = self.added.get("<eos>", self.vocab.get("<eos>", 1))
         self.pad_id = self.added.get("<pad>", self.vocab.get("<pad>", 0))
         # Merges never cross a "x|\u2581" boundary when no merged token has "\u2581" after another character, so
@@ -107,17 +159,6 @@ class GemmaTokenizer:
             return None
         raise ValueError(f"{self.path}: pre_tokenizer type {node['type']!r} is not supported")
 
-    def _added_regex(self, tokens):
-        if not tokens:
-            return None
-        alts = []
-        for t in sorted(tokens, key=lambda t: -len(t["content"])):  # longest first = leftmost-longest
-            pat = re.escape(t["content"])
-            if t.get("single_word"):
-                pat = r"(?<!\w)" + pat + r"(?!\w)"
-            alts.append((r"\s*" if t.get("lstrip") else "") + "(" + pat + ")" + (r"\s*" if t.get("rstrip") else ""))
-        return re.compile("|".join(alts))
-
     def _normalize(self, s):
         for op in self.normalizers:
             if op[0] == "replace":
@@ -129,17 +170,6 @@ class GemmaTokenizer:
             else:
                 s = unicodedata.normalize(op[0], s)
         return s
-
-    def _split_added(self, s, regex):
-        """Yield (text, None) for plain stretches and (None, id) for added tokens."""
-        pos = 0
-        for m in regex.finditer(s) if regex else ():
-            if m.start() > pos:
-                yield s[pos:m.start()], None
-            yield None, self.added[next(g for g in m.groups() if g is not None)]
-            pos = m.end()
-        if pos < len(s):
-            yield s[pos:], None
 
     def _symbols(self, word):
         """Characters of a word as vocab symbols: byte pieces for unknown characters, else one fused <unk>."""
@@ -157,29 +187,9 @@ class GemmaTokenizer:
         return out
 
     def _bpe(self, word):
-        """Merge the lowest-rank adjacent pair (leftmost on ties) until none is left; O(n log n) with a heap."""
         if self.ignore_merges and word in self.vocab:
             return [self.vocab[word]]
-        sym = self._symbols(word)
-        n = len(sym)
-        nxt = list(range(1, n)) + [-1]
-        prv = list(range(-1, n - 1))
-        heap = [(self.merges[sym[i], sym[i + 1]][0], i, sym[i], sym[i + 1])
-                for i in range(n - 1) if (sym[i], sym[i + 1]) in self.merges]
-        heapq.heapify(heap)
-        while heap:
-            _, i, a, b = heapq.heappop(heap)
-            j = nxt[i]
-            if sym[i] != a or j < 0 or sym[j] != b:  # stale: one side was merged away since the push
-                continue
-            sym[i], sym[j] = a + b, None
-            nxt[i] = nxt[j]
-            if nxt[j] >= 0:
-                prv[nxt[j]] = i
-            for l, r in ((prv[i], i), (i, nxt[i])):
-                if l >= 0 and r >= 0 and (sym[l], sym[r]) in self.merges:
-                    heapq.heappush(heap, (self.merges[sym[l], sym[r]][0], l, sym[l], sym[r]))
-        return [self.vocab[s] for s in sym if s is not None]
+        return [self.vocab[s] for s in bpe_merge(self._symbols(word), self.merges)]
 
     def _encode_word(self, word):
         if not self.cut_at_spaces or (self.ignore_merges and word in self.vocab):
@@ -197,11 +207,11 @@ class GemmaTokenizer:
     def encode(self, text):
         """Ids of `text` exactly as given: no lowercasing, no BOS/EOS (HF: add_special_tokens=False)."""
         ids = []
-        for raw, tid in self._split_added(text, self.raw_re):
+        for raw, tid in split_added(text, self.raw_re, self.added):
             if tid is not None:
                 ids.append(tid)
                 continue
-            for part, tid in self._split_added(self._normalize(raw), self.norm_re):
+            for part, tid in split_added(self._normalize(raw), self.norm_re, self.added):
                 ids.extend([tid] if tid is not None else self._encode_word(part))
         return ids
 
