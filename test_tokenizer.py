@@ -222,8 +222,9 @@ def qwen2_folders(tmp_path_factory):
     hf.add_tokens([AddedToken(t, special=t not in QWEN2_PLAIN, normalized=False) for t in QWEN2_SPECIALS + QWEN2_PLAIN])
     hf.add_tokens([AddedToken(t, special=True, normalized=False) for t in SCALE_RAE])
     spec = json.loads(hf.to_str())
-    spec["model"].update(continuing_subword_prefix="", end_of_word_suffix="")  # as in Qwen2's file (the trainer
-    fast, slow = tmp_path_factory.mktemp("fast"), tmp_path_factory.mktemp("slow")  # leaves null: same meaning)
+    # as in Qwen2's file (the trainer leaves null, which means the same)
+    spec["model"].update(continuing_subword_prefix="", end_of_word_suffix="")
+    fast, slow = tmp_path_factory.mktemp("fast"), tmp_path_factory.mktemp("slow")
     (fast / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
     (slow / "vocab.json").write_text(json.dumps(spec["model"]["vocab"], ensure_ascii=False), encoding="utf-8")
     (slow / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in spec["model"]["merges"]),
@@ -273,6 +274,17 @@ def test_qwen2_chatml_ids(qwen2_folders):
     assert tok.token_to_id("<im_star>") is None and tok.id_to_token(10 ** 9) is None
     assert tok.decode(ids) == chatml("A cat.") + "Here you go:\n<im_start>"
     assert tok.decode([tok.token_to_id(tokenizer.bytes_to_unicode()[0xE7])]) == "\ufffd"  # half a character
+
+
+def test_qwen2_reads_merges_as_strings(qwen2_folders, tmp_path):
+    """Older tokenizer.json files (Qwen2's own among them) spell each merge "a b", not ["a", "b"]."""
+    fast, _ = qwen2_folders
+    spec = json.loads(open(fast + "/tokenizer.json", encoding="utf-8").read())
+    spec["model"]["merges"] = [" ".join(m) for m in spec["model"]["merges"]]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    texts = qwen2_texts()[::20]
+    old, new = tokenizer.Qwen2Tokenizer(fast), tokenizer.Qwen2Tokenizer(str(tmp_path))
+    assert [old.encode(t) for t in texts] == [new.encode(t) for t in texts]
 
 
 def test_qwen2_pretokenizer_on_every_code_point():
