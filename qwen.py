@@ -9,7 +9,9 @@ model.safetensors, or shards listed by model.safetensors.index.json). `model(ids
 Scale-RAE (arXiv 2601.16208, `nyu-visionx/Scale-RAE-Qwen1.5B_DiT2.4B`): the LLM answers a ChatML prompt greedily until
 it emits `<im_start>`; then 256 learned queries are appended, and their final-norm states, through a Linear, are the
 per-token conditions (1, 256, Dy) of the DiT (dit.py). `conditions` runs that path with the cache.
-Imports only torch, safetensors and this project's ckpt.py.
+`qwen.Tokenizer(path)` is Qwen2's byte-level BPE (tokenizer.py's Qwen2Tokenizer), from tokenizer.json or the slow
+vocab.json + merges.txt that Scale-RAE's snapshot ships. Imports only torch, safetensors and this project's ckpt.py and
+tokenizer.py.
 
     python qwen.py                       # parameter counts of the 1.5B / 7B configs, then a tiny smoke test
     python -m pytest -q test_qwen.py     # parity with transformers' Qwen2ForCausalLM (CPU, seconds)
@@ -22,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import ckpt
+from tokenizer import Qwen2Tokenizer as Tokenizer  # noqa: F401  (the public name qwen.Tokenizer)
 
 
 @dataclass
