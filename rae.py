@@ -372,7 +372,7 @@ def released_config(state, cfg_json, diffusers):
         n = (cfg_json.get("encoder_input_size", 224) // cfg_json.get("encoder_patch_size", 14)) ** 2
     else:
         n = 256  # RAE's 256-px models; a 512-px decoder stores its decoder_pos_embed (1025 rows)
-    cfg = DecoderConfig(latent_dim=shape("decoder_embed.weight", 1) or cfg_json.get("hidden_size", 768), num_tokens=n,
+    cfg = DecoderConfig(latent_dim=shape("decoder_embed.weight", 1) or 768, num_tokens=n,  # config.json's is stale
                         patch_size=p, hidden_size=c["decoder_hidden_size"], depth=c["decoder_num_hidden_layers"],
                         num_heads=c["decoder_num_attention_heads"], mlp_dim=c["decoder_intermediate_size"])
     return cfg, problems
