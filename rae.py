@@ -1,42 +1,47 @@
-"""Representation Autoencoder (RAE) on a frozen SigLIP-2: the encoder towers, the ViT decoder, and the latent.
+"""Representation Autoencoder (RAE): a frozen encoder's latent, the ViT decoder, latent statistics, released files.
 
-The RAE of arXiv 2510.11690, as Scale-RAE (arXiv 2601.16208) uses it for text-to-image:
-  - encoder: the fixed-resolution SigLIP-2 vision tower, frozen, numerically equal to transformers' SiglipModel and
-    loaded from a HF snapshot (`load_siglip2`: config.json + model.safetensors [+ shards] + tokenizer.json); the text
-    tower of the same checkpoint conditions the DiT;
-  - latent: z = parameter-free LayerNorm of the last block output, (B, N, C) [-> optional per-channel statistics];
-  - decoder: a ViT-MAE-style transformer that maps z back to pixels (trained by train_decoder.py).
-Conventions: pixels `img` (B, 3, H, W) in [-1, 1] (SigLIP's mean = std = 0.5 normalization); latents `z` (B, N, C),
-N tokens in row-major patch order. Imports only torch, safetensors and this project's ckpt.py and tokenizer.py.
+The RAE of arXiv 2510.11690, as RAE's ImageNet models and Scale-RAE (arXiv 2601.16208, text-to-image) use it:
+  - encoder (encoders.py): SigLIP-2 or DINOv2 [with registers], frozen, loaded from a HF snapshot;
+  - latent: z = parameter-free LayerNorm of the encoder's last block output over the patch tokens, (B, N, C)
+    [-> per-channel or per-element statistics];
+  - decoder: a ViT-MAE-style transformer that maps z back to pixels (trained by train_decoder.py, or a released one:
+    RAE-collections and nyu-visionx/siglip2_decoder `model.pt`, a diffusers AutoencoderRAE file).
+Conventions: pixels `img` (B, 3, H, W) in [-1, 1]; latents `z` (B, N, C), N tokens in row-major patch order. The
+decoder outputs the encoder's normalised pixel space (SigLIP: [-1, 1] itself); RAE.decode maps it back to [-1, 1].
+Imports only torch, safetensors and this project's ckpt.py and encoders.py; the public names of encoders.py are
+re-exported here (rae.load_siglip2, rae.load_dinov2, rae.SigLIP2, ...).
 
     python rae.py                                   # smoke test: a tiny random SigLIP-2 encoder, encode, decode
     python rae.py download google/siglip2-so400m-patch14-224 --out ckpt/siglip2-so400m-patch14-224
 """
+import glob
 import json
 import math
 import os
-import re
 import sys
 from dataclasses import asdict, dataclass
+from functools import reduce
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import ckpt
-from tokenizer import GemmaTokenizer
+from encoders import (DINO_DEFAULTS, DINO_KEYS, IMAGENET_MEAN, IMAGENET_STD, SIGLIP_KEYS, TEXT_DEFAULTS,
+                      VISION_DEFAULTS, Attention, Block, DINOv2, MAPHead, MLP, SigLIP2, TextTower, VisionTower,
+                      attention, check_image, fuse_qkv, hf_to_ours, load_dinov2, load_siglip2, ours_to_hf,
+                      read_dinov2_config, read_json, read_siglip_config, save_siglip2, snapshot_files)
+
+# the encoders' names, re-exported so that callers keep one module to import (rae.load_siglip2, rae.SigLIP2, ...)
+__all__ = ["DINO_DEFAULTS", "DINO_KEYS", "IMAGENET_MEAN", "IMAGENET_STD", "SIGLIP_KEYS", "TEXT_DEFAULTS",
+           "VISION_DEFAULTS", "Attention", "Block", "DINOv2", "MAPHead", "MLP", "SigLIP2", "TextTower", "VisionTower",
+           "attention", "check_image", "fuse_qkv", "hf_to_ours", "load_dinov2", "load_siglip2", "ours_to_hf",
+           "read_dinov2_config", "read_json", "read_siglip_config", "save_siglip2", "snapshot_files",
+           "DecoderConfig", "DECODER_PRESETS", "Decoder", "RAE", "sincos_2d", "unpatchify", "check_pixels",
+           "compute_latent_stats", "save_latent_stats", "load_latent_stats", "save_decoder", "load_decoder",
+           "import_rae_decoder", "DECODER_KEYS"]
 
 # ----------------------------------------------------------------------------- configs
-# Defaults are transformers' SiglipVisionConfig / SiglipTextConfig: hub config.json files of SigLIP-2 omit
-# every field that equals them (google/siglip2-base-patch16-224 only sets the text vocab_size).
-VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                       num_channels=3, image_size=224, patch_size=16, layer_norm_eps=1e-6,
-                       hidden_act="gelu_pytorch_tanh", vision_use_head=True)
-TEXT_DEFAULTS = dict(vocab_size=32000, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                     num_attention_heads=12, max_position_embeddings=64, layer_norm_eps=1e-6,
-                     hidden_act="gelu_pytorch_tanh", projection_size=None)
-TANH_GELUS = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")  # all three are the tanh approximation
-
 
 @dataclass
 class DecoderConfig:
@@ -59,16 +64,6 @@ DECODER_PRESETS = {
 
 
 # ----------------------------------------------------------------------------- small stateless functions
-def attention(q, k, v, heads):
-    """Multi-head attention on (B, Nq, D) queries and (B, Nk, D) keys/values, no mask -> (B, Nq, D)."""
-    B, Nq, D = q.shape
-    q = q.view(B, Nq, heads, D // heads).transpose(1, 2)  # (B, H, Nq, Dh)
-    k = k.view(B, k.shape[1], heads, D // heads).transpose(1, 2)  # (B, H, Nk, Dh)
-    v = v.view(B, v.shape[1], heads, D // heads).transpose(1, 2)
-    o = F.scaled_dot_product_attention(q, k, v)  # scale Dh^-0.5, softmax in fp32 on every backend we use
-    return o.transpose(1, 2).reshape(B, Nq, D)
-
-
 def sincos_2d(grid, dim):
     """Fixed 2-D sin-cos table (grid*grid, dim) in MAE's layout: the first half encodes the column, the second the
     row, each as [sin | cos]. (dit.py's table puts the row first: each file keeps the layout of its reference.)"""
@@ -89,16 +84,6 @@ def unpatchify(x, p):
     return x.reshape(B, 3, g * p, g * p)
 
 
-def check_image(img, patch):
-    """Reject a layout the towers would silently mis-read: not (B, 3, H, W) float, or sides not multiples of the
-    patch. Python checks only, no device sync: it runs on every forward."""
-    if not torch.is_tensor(img) or img.ndim != 4 or img.shape[1] != 3 or not img.is_floating_point():
-        shape = tuple(img.shape) if torch.is_tensor(img) else type(img).__name__
-        raise ValueError(f"expected a float image tensor (B, 3, H, W), got {shape}")
-    if img.shape[2] % patch or img.shape[3] % patch:
-        raise ValueError(f"image size {tuple(img.shape[2:])} is not a multiple of the patch size {patch}")
-
-
 def check_pixels(img, where="images"):
     """Reject pixels outside [-1, 1] (a [0, 255] or [0, 1] image encodes to a plausible but wrong latent). It reads
     the values (a device sync), so it runs once where images enter a program, not in a forward."""
@@ -109,165 +94,21 @@ def check_pixels(img, where="images"):
     return img
 
 
-# ----------------------------------------------------------------------------- blocks and towers
-class Attention(nn.Module):
-    # One fused (D -> 3D) qkv matmul instead of three: HF's q/k/v_proj are concatenated at load time (fuse_qkv).
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):  # (B, N, D)
-        q, k, v = self.qkv(x).chunk(3, dim=-1)  # 3 x (B, N, D)
-        return self.proj(attention(q, k, v, self.heads))
-
-
-class MLP(nn.Module):  # approximate: "tanh" (SigLIP's gelu_pytorch_tanh) or "none" (exact, the ViT-MAE decoder)
-    def __init__(self, dim, hidden, approximate):
-        super().__init__()
-        self.fc1, self.fc2, self.approximate = nn.Linear(dim, hidden), nn.Linear(hidden, dim), approximate
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
-
-
-class Block(nn.Module):
-    """Pre-LN ViT block. SigLIP: LN eps 1e-6 and tanh GELU; the ViT-MAE decoder: LN eps 1e-12 and exact GELU."""
-    def __init__(self, dim, heads, mlp_dim, eps, approximate):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = Attention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = MLP(dim, mlp_dim, approximate)
-
-    def forward(self, x):  # (B, N, D)
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-
-class MAPHead(nn.Module):
-    """SigLIP's multihead attention pooling: one learned probe attends over all tokens, then a residual MLP."""
-    def __init__(self, dim, heads, mlp_dim, eps):
-        super().__init__()
-        self.heads = heads
-        self.probe = nn.Parameter(torch.zeros(1, 1, dim))
-        self.attn_in = nn.Linear(dim, 3 * dim)  # rows q | k | v, as nn.MultiheadAttention's in_proj
-        self.attn_out = nn.Linear(dim, dim)
-        self.norm = nn.LayerNorm(dim, eps=eps)
-        self.mlp = MLP(dim, mlp_dim, "tanh")
-
-    def forward(self, x):  # (B, N, D) post-LayerNorm tokens -> (B, D)
-        wq, wk, wv = self.attn_in.weight.chunk(3)
-        bq, bk, bv = self.attn_in.bias.chunk(3)
-        q = F.linear(self.probe.expand(x.shape[0], -1, -1), wq, bq)  # (B, 1, D)
-        o = self.attn_out(attention(q, F.linear(x, wk, bk), F.linear(x, wv, bv), self.heads))  # (B, 1, D)
-        return (o + self.mlp(self.norm(o)))[:, 0]  # no residual from the probe itself, as in SigLIP
-
-
-class VisionTower(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.cfg = cfg  # the HF config fields, as save_siglip2 writes them back
-        D, self.patch = cfg["hidden_size"], cfg["patch_size"]
-        self.grid = cfg["image_size"] // self.patch
-        self.patch_embed = nn.Conv2d(cfg["num_channels"], D, self.patch, self.patch)
-        self.pos_embed = nn.Parameter(torch.zeros(self.grid * self.grid, D))  # (N, D), row-major grid
-        self.blocks = nn.ModuleList(Block(D, cfg["num_attention_heads"], cfg["intermediate_size"],
-                                          cfg["layer_norm_eps"], "tanh") for _ in range(cfg["num_hidden_layers"]))
-        self.post_norm = nn.LayerNorm(D, eps=cfg["layer_norm_eps"])
-        self.head = MAPHead(D, cfg["num_attention_heads"], cfg["intermediate_size"],
-                            cfg["layer_norm_eps"]) if cfg["vision_use_head"] else None
-
-    def pos_for(self, h, w):
-        """Position table for an h x w patch grid: bicubic resize of the learned grid when it differs."""
-        if (h, w) == (self.grid, self.grid):
-            return self.pos_embed
-        table = self.pos_embed.T.reshape(1, -1, self.grid, self.grid)  # (1, D, g, g)
-        table = F.interpolate(table, size=(h, w), mode="bicubic", align_corners=False)  # (1, D, h, w)
-        return table.flatten(2)[0].T  # (h*w, D)
-
-    def forward(self, img):
-        """(B, 3, H, W) in [-1, 1] -> last block output before post_layernorm (B, N, D) = HF hidden_states[-1]."""
-        return self.features(img, [len(self.blocks) - 1])[0]
-
-    def features(self, img, layers):
-        """Outputs of the blocks numbered in `layers` (0-based): a list of (B, N, D). Stops after the deepest
-        one; used by the decoder's perceptual loss and discriminator, which tap several depths."""
-        check_image(img, self.patch)  # layout and size only: no device sync
-        x = self.patch_embed(img.to(self.pos_embed.dtype))  # (B, D, H/p, W/p)
-        x = x.flatten(2).transpose(1, 2) + self.pos_for(*x.shape[2:])  # (B, N, D)
-        out = []
-        for i, block in enumerate(self.blocks[: max(layers) + 1]):
-            x = block(x)
-            if i in layers:
-                out.append(x)
-        return out
-
-    def pool(self, h):
-        """(B, N, D) block output -> (B, D) = HF pooler_output (post_layernorm, then MAP head). Also works on an RAE
-        latent z = LayerNorm(h) without affine: LayerNorm is idempotent, so post_norm(z) == post_norm(h) up to eps.
-        This is how generated latents are scored without decoding."""
-        if self.head is None:
-            raise ValueError("this checkpoint has vision_use_head=false: there is no pooled vision embedding")
-        return self.head(self.post_norm(h))
-
-
-class TextTower(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.cfg = cfg
-        D = cfg["hidden_size"]
-        self.token_embed = nn.Embedding(cfg["vocab_size"], D)
-        self.pos_embed = nn.Parameter(torch.zeros(cfg["max_position_embeddings"], D))  # (T, D)
-        self.blocks = nn.ModuleList(Block(D, cfg["num_attention_heads"], cfg["intermediate_size"],
-                                          cfg["layer_norm_eps"], "tanh") for _ in range(cfg["num_hidden_layers"]))
-        self.final_norm = nn.LayerNorm(D, eps=cfg["layer_norm_eps"])
-        self.head = nn.Linear(D, cfg["projection_size"] or D)
-
-    def forward(self, ids):
-        """(B, T) token ids -> (B, T, D) = HF last_hidden_state. Bidirectional, no padding mask: SigLIP was
-        trained with pad tokens attending and attended to, so masking them would change the embedding."""
-        if ids.ndim != 2 or ids.shape[1] > self.pos_embed.shape[0]:
-            raise ValueError(f"expected token ids (B, T<={self.pos_embed.shape[0]}), got {tuple(ids.shape)}")
-        x = self.token_embed(ids) + self.pos_embed[: ids.shape[1]]  # (B, T, D)
-        for block in self.blocks:
-            x = block(x)
-        return self.final_norm(x)
-
-    def pool(self, h):
-        """(B, T, D) -> (B, P) = HF pooler_output: the head on the LAST position (index T-1, usually a pad)."""
-        return self.head(h[:, -1])
-
-
-class SigLIP2(nn.Module):
-    """Both towers and the sigmoid-loss logit scale/bias. `tokenizer` is attached by `load_siglip2`."""
-    def __init__(self, vision_cfg, text_cfg=None):
-        super().__init__()
-        self.vision = VisionTower(vision_cfg)
-        self.text = TextTower(text_cfg) if text_cfg is not None else None
-        self.logit_scale, self.logit_bias = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
-        self.tokenizer = None
-
-    def logits(self, img_emb, txt_emb):
-        """(Bi, P) and (Bt, P) pooled embeddings -> (Bi, Bt) logits; sigmoid(logit) is the match probability."""
-        cosine = F.normalize(img_emb, dim=-1) @ F.normalize(txt_emb, dim=-1).T  # (Bi, Bt)
-        return cosine * self.logit_scale.exp() + self.logit_bias
-
-    @torch.no_grad()
-    def score(self, img, texts):
-        """Zero-shot scores: images (Bi, 3, H, W) in [-1, 1] and a list of Bt strings -> logits (Bi, Bt)."""
-        ids = self.tokenizer(texts).to(self.logit_scale.device)
-        return self.logits(self.vision.pool(self.vision(img)), self.text.pool(self.text(ids)))
-
-
 # ----------------------------------------------------------------------------- the RAE
+def decoder_pos_table(grid, dim):
+    """(1 + grid*grid, dim): a zero row for the cls slot, then the MAE sin-cos grid (unscaled, as RAE's decoder)."""
+    return torch.cat([torch.zeros(1, dim), sincos_2d(grid, dim)])
+
+
 class Decoder(nn.Module):
-    """ViT-MAE-style decoder of RAE: Linear in, trainable cls token, fixed 2-D sin-cos positions, pre-LN
-    blocks (LN eps 1e-12, exact GELU), LayerNorm, Linear to patch pixels, unpatchify."""
-    def __init__(self, cfg: DecoderConfig):
+    """ViT-MAE-style decoder of RAE (the official GeneralDecoder): Linear in, trainable cls token, fixed 2-D sin-cos
+    positions, pre-LN blocks (LN eps 1e-12, exact GELU), LayerNorm, Linear to patch pixels, unpatchify.
+    drop_first_token: Scale-RAE's decoder embeds (B, 1 + N, C) and drops token 0 (its caller prepends a zero token).
+    The embedding is per token, so this is exactly decoding the N other tokens: a flag for callers that hold the
+    1 + N layout; decoding z (B, N, C) with the flag off is the same map."""
+    def __init__(self, cfg: DecoderConfig, drop_first_token=False):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.drop_first_token = cfg, drop_first_token
         D, g = cfg.hidden_size, math.isqrt(cfg.num_tokens)
         if g * g != cfg.num_tokens:
             raise ValueError(f"decoder num_tokens must be a square grid, got {cfg.num_tokens}")
@@ -275,20 +116,20 @@ class Decoder(nn.Module):
             raise ValueError(f"decoder hidden_size {cfg.hidden_size} is not divisible by num_heads {cfg.num_heads}")
         self.embed = nn.Linear(cfg.latent_dim, D)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))  # zero-init, as in RAE
-        self.register_buffer("pos_embed", self.pos_table(), persistent=False)  # fixed: rebuilt, never loaded
+        # fixed: rebuilt by our loader, taken from a released file that stores one (see load_decoder)
+        self.register_buffer("pos_embed", self.pos_table(), persistent=False)
         self.blocks = nn.ModuleList(Block(D, cfg.num_heads, cfg.mlp_dim, 1e-12, "none") for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(D, eps=1e-12)
         self.pred = nn.Linear(D, cfg.patch_size ** 2 * 3)
 
-    def pos_table(self):  # (1 + N, D): a zero row for the cls slot, then the sin-cos grid
-        D, g = self.cfg.hidden_size, math.isqrt(self.cfg.num_tokens)
-        return torch.cat([torch.zeros(1, D), sincos_2d(g, D)]).to(self.embed.weight.device)
+    def pos_table(self):  # (1 + N, D)
+        return decoder_pos_table(math.isqrt(self.cfg.num_tokens), self.cfg.hidden_size).to(self.embed.weight.device)
 
-    def forward(self, z):  # (B, N, C) -> (B, 3, H, W), pixels in [-1, 1] (not clamped)
-        if z.ndim != 3 or z.shape[1:] != (self.cfg.num_tokens, self.cfg.latent_dim):
-            raise ValueError(f"decoder expects latents (B, {self.cfg.num_tokens}, {self.cfg.latent_dim}), "
-                             f"got {tuple(z.shape)}")
-        x = self.embed(z)  # (B, N, D)
+    def forward(self, z):  # (B, [1 +] N, C) -> (B, 3, H, W) in the encoder's normalised pixel space (not clamped)
+        n = self.cfg.num_tokens + (1 if self.drop_first_token else 0)
+        if z.ndim != 3 or z.shape[1:] != (n, self.cfg.latent_dim):
+            raise ValueError(f"decoder expects latents (B, {n}, {self.cfg.latent_dim}), got {tuple(z.shape)}")
+        x = self.embed(z[:, 1:] if self.drop_first_token else z)  # (B, N, D)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed  # (B, 1+N, D)
         for block in self.blocks:
             x = block(x)
@@ -297,31 +138,63 @@ class Decoder(nn.Module):
 
 
 class RAE(nn.Module):
-    """encode: frozen vision tower -> parameter-free LayerNorm [-> per-channel standardization] = z (B, N, C).
-    decode: [undo standardization ->] ViT decoder -> pixels. `stats` = {"mean", "var"} of shape (C,) or (N, C)."""
-    def __init__(self, encoder: VisionTower, decoder: Decoder | None = None, stats=None, eps=1e-5):
+    """encode: img in [-1, 1] -> the encoder's input -> patch tokens of its last block -> parameter-free LayerNorm
+    [-> standardization] = z (B, N, C). decode: [undo standardization ->] decoder -> img in [-1, 1] (not clamped).
+    `stats` = {"mean", "var"} of shape (C,) or (N, C) (load_latent_stats). The encoder's input, as the official RAE
+    builds it: [0, 1] pixels, resized to `input_size` (bicubic, align_corners=False, no antialias; only when the size
+    differs; e.g. 224 for RAE's 256-px DINOv2 models), normalised by `pixel_mean` / `pixel_std` (default: the
+    encoder's, ImageNet for DINOv2, 0.5 for SigLIP, whose input is then img itself).
+    SigLIP-2: the official latent is post_layernorm with its affine removed, over all tokens; that LayerNorm of the
+    last block output (eps from config.json, 1e-6) is exactly ours. DINOv2: the final layernorm without affine, CLS
+    and registers dropped (that LayerNorm is per token, so dropping them first gives the same numbers)."""
+    def __init__(self, encoder, decoder: Decoder | None = None, stats=None, eps=1e-5, input_size=None,
+                 pixel_mean=None, pixel_std=None):
         super().__init__()
         self.encoder = encoder.eval().requires_grad_(False)
         self.decoder = decoder
-        self.eps = eps
+        self.eps, self.input_size = eps, input_size
+        self.pixel_mean = tuple(pixel_mean or encoder.pixel_mean)
+        self.pixel_std = tuple(pixel_std or encoder.pixel_std)
         self.register_buffer("mean", None if stats is None else stats["mean"].float(), persistent=False)
         self.register_buffer("var", None if stats is None else stats["var"].float(), persistent=False)
+
+    def pixels(self, img):
+        """img (B, 3, H, W) in [-1, 1] -> the encoder's input pixels (see the class docstring)."""
+        size = self.input_size
+        resize = size is not None and tuple(img.shape[-2:]) != (size, size)
+        if not resize and self.pixel_mean == self.pixel_std == (0.5, 0.5, 0.5):
+            return img  # (img + 1) / 2 normalised by 0.5 / 0.5 is img: skip the two roundings
+        x = (img + 1) / 2  # [0, 1]
+        if resize:
+            x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
+        mean, std = (torch.tensor(s, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+                     for s in (self.pixel_mean, self.pixel_std))
+        return (x - mean) / std
+
+    def tokens(self, img):
+        """img in [-1, 1] -> (B, N, C) the encoder's last block output over the patch tokens (before any norm)."""
+        return self.encoder.patch_tokens(self.pixels(img))
 
     @torch.no_grad()
     def encode(self, img):
         """img (B, 3, H, W) in [-1, 1] -> z (B, N, C)."""
-        h = self.encoder(img)  # (B, N, C), last block output
-        z = F.layer_norm(h.float(), h.shape[-1:], eps=1e-6)  # per-token, no affine (Scale-RAE)
+        h = self.tokens(img)  # (B, N, C)
+        z = F.layer_norm(h.float(), h.shape[-1:], eps=self.encoder.latent_eps)  # per token, no affine
         if self.mean is not None:
             z = (z - self.mean) / torch.sqrt(self.var + self.eps)
         return z
 
     def decode(self, z):
         """z (B, N, C) -> img (B, 3, H, W), about [-1, 1] (not clamped)."""
-        return self.decoder(self.unnormalize(z))
+        x = self.decoder(self.unnormalize(z))  # the encoder's normalised pixel space
+        if self.pixel_mean == self.pixel_std == (0.5, 0.5, 0.5):
+            return x  # x * 0.5 + 0.5 is [0, 1], so x is [-1, 1] already
+        mean, std = (torch.tensor(s, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+                     for s in (self.pixel_mean, self.pixel_std))
+        return (x * std + mean) * 2 - 1
 
     def unnormalize(self, z):
-        """Latent back to the LayerNorm space the SigLIP head expects (for `vision.pool` on generated z)."""
+        """Latent back to the LayerNorm space (what the decoder reads; what the SigLIP head's `vision.pool` expects)."""
         return z if self.mean is None else z * torch.sqrt(self.var + self.eps) + self.mean
 
 
@@ -332,7 +205,8 @@ def compute_latent_stats(rae, images, per="channel"):
     per="channel" -> (C,), per="element" -> (N, C). Accumulates in float64 (not RAE's EMA of batch stats)."""
     n, s, s2 = 0, 0.0, 0.0
     for img in images:
-        z = F.layer_norm(rae.encoder(img).double(), (rae.encoder.pos_embed.shape[1],), eps=1e-6)  # (B, N, C)
+        h = rae.tokens(img)  # (B, N, C)
+        z = F.layer_norm(h.double(), h.shape[-1:], eps=rae.encoder.latent_eps)  # (B, N, C)
         z = z.reshape(-1, z.shape[-1]) if per == "channel" else z
         n, s, s2 = n + z.shape[0], s + z.sum(0), s2 + (z * z).sum(0)
     if n == 0:
@@ -345,152 +219,80 @@ def save_latent_stats(path, stats):
     ckpt.save_safetensors(path, stats)
 
 
-def load_latent_stats(path, channels, tokens=None):
-    """{"mean", "var"} written by `save_latent_stats`, checked against the latent (N = tokens, C = channels) it will
-    standardize: a stats file of another encoder or resolution fails here, not as a broadcast error mid-run."""
-    stats = ckpt.read_safetensors(path)
-    shapes = f"({channels},) or ({tokens or 'N'}, {channels})"
-    problems = [f"{'unexpected' if k in stats else 'missing'} key '{k}' (expected 'mean' and 'var')"
-                for k in sorted(set(stats) ^ {"mean", "var"})]
-    for key, t in sorted(stats.items()):
-        if t.ndim not in (1, 2) or t.shape[-1] != channels or (t.ndim == 2 and tokens and t.shape[0] != tokens):
-            problems.append(f"key '{key}' has shape {tuple(t.shape)}, expected {shapes}")
-        elif not t.is_floating_point():
-            problems.append(f"key '{key}' has dtype {t.dtype}, expected a floating-point tensor")
-        elif not torch.isfinite(t).all() or (key == "var" and (t < 0).any()):
-            problems.append(f"key '{key}' has {'negative' if torch.isfinite(t).all() else 'non-finite'} entries")
-    if not problems and stats["mean"].shape != stats["var"].shape:
-        problems.append(f"key 'mean' has shape {tuple(stats['mean'].shape)} but 'var' has {tuple(stats['var'].shape)}")
-    ckpt.report(path, problems)
-    return stats
+def is_torch_file(path):
+    """A torch.save file (a zip archive, or a legacy pickle) rather than safetensors, told by its first bytes (a
+    safetensors file starts with 8 bytes of header length, then the JSON header)."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[8:9] != b"{")
 
 
-# ----------------------------------------------------------------------------- loading SigLIP-2 from a HF snapshot
-# HF SigLIP key fragments -> ours, replaced in this order (ours_to_hf runs it backwards). Our attention fuses HF's
-# q_proj / k_proj / v_proj into one `attn.qkv` (one matmul instead of three): see fuse_qkv.
-SIGLIP_KEYS = [("embeddings.patch_embedding.", "patch_embed."), ("embeddings.position_embedding.weight", "pos_embed"),
-               ("embeddings.token_embedding.", "token_embed."), ("vision_model.", "vision."), ("text_model.", "text."),
-               ("encoder.layers.", "blocks."), ("layer_norm1.", "norm1."), ("layer_norm2.", "norm2."),
-               ("self_attn.out_proj.", "attn.proj."), ("self_attn.q_proj.", "attn.q."), ("self_attn.k_proj.", "attn.k."),
-               ("self_attn.v_proj.", "attn.v."), ("post_layernorm.", "post_norm."), ("final_layer_norm.", "final_norm."),
-               ("head.attention.in_proj_", "head.attn_in."), ("head.attention.out_proj.", "head.attn_out."),
-               ("head.layernorm.", "head.norm.")]
+def as_tokens(t):
+    """An official per-position statistic (C, H, W) -> (H*W, C) in the latent's raster order; (C, 1, 1) -> (C,)."""
+    if not (torch.is_tensor(t) and t.ndim == 3):
+        return t
+    t = t.reshape(t.shape[0], -1).T  # (H*W, C): token n = row * W + col
+    return t[0] if t.shape[0] == 1 else t.contiguous()
 
 
-def fuse_qkv(state):
-    """'...attn.q.weight', '...attn.k.weight', '...attn.v.weight' (and biases) -> one '...attn.qkv.weight', rows
-    q | k | v, as our Attention's fused Linear holds them."""
-    out, parts = {}, {}
-    for key, t in state.items():
-        m = re.fullmatch(r"(.*)attn\.([qkv])\.(weight|bias)", key)
-        if m:
-            parts.setdefault(f"{m[1]}attn.qkv.{m[3]}", [None] * 3)["qkv".index(m[2])] = t
-        else:
-            out[key] = t
-    return {**out, **{k: torch.cat(p) for k, p in parts.items()}}
+def read_stats_file(path):
+    """A statistics file -> (its tensors, as stored; the names of mean and var in it; its kind: "ours", "official"
+    or "diffusers"). diffusers' std is turned into var here. The formats: see load_latent_stats."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: file not found")
+    if is_torch_file(path):  # the official stat.pt: {"var"} or {"mean", "var"}, (C, H, W) as it was computed
+        return ckpt.read_checkpoint(path), ("mean", "var"), "official"
+    raw = ckpt.read_safetensors(path, keep=lambda k: not k.startswith(("encoder.", "decoder.")))
+    if "_latents_mean" not in raw and "_latents_std" not in raw:
+        return raw, ("mean", "var"), "ours"
+    raw.pop("encoder_mean", None), raw.pop("encoder_std", None)  # the pixel stats of its encoder, not the latent's
+    std = raw.get("_latents_std")
+    if torch.is_tensor(std) and std.is_floating_point():  # it standardizes (z - mean) / (std + 1e-5): the exact var
+        raw["_latents_std"] = (std.double() + 1e-5) ** 2 - 1e-5
+    return raw, ("_latents_mean", "_latents_std"), "diffusers"
 
 
-def hf_to_ours(key):
-    for hf, ours in SIGLIP_KEYS:
-        key = key.replace(hf, ours)
-    return key
-
-
-def ours_to_hf(state):
-    """Our state dict -> HF SigLIP key names and layout (q, k, v split again)."""
+def load_latent_stats(path, channels=None, tokens=None):
+    """Latent statistics -> {"mean", "var"}, each (C,) or (N, C), checked against the latent (N = tokens,
+    C = channels) it will standardize: a stats file of another encoder or resolution fails here, in one line naming
+    the file and every problem, not as a broadcast error mid-run. RAE standardizes z = (z - mean) / sqrt(var + 1e-5),
+    the official formula. Reads
+      - ours (`save_latent_stats`, safetensors): "mean" and "var", (C,) or (N, C);
+      - RAE's official stat.pt (torch.save, read weights-only): "var" [and "mean"], (C, H, W), (C, 1, 1), (C,) or
+        (H*W, C). Without a mean there is no centring (mean = 0): RAE-collections' DINOv2-B 256 file has only "var";
+      - a diffusers AutoencoderRAE safetensors file: its _latents_mean / _latents_std buffers (std = sqrt(var + 1e-5)
+        as its converter writes it; var is recovered so that the standardization is the one diffusers applies)."""
+    stats, names, kind = read_stats_file(path)
+    c, n = channels or "C", tokens or "N"
+    shapes = f"({c},) or ({n}, {c})" if kind == "ours" else f"({c}, H, W), ({c}, 1, 1), ({c},) or ({n}, {c})"
+    problems = [f"unexpected key '{k}' (expected '{names[0]}' and '{names[1]}')" for k in sorted(set(stats) - set(names))]
+    problems += [f"missing key '{k}'" for k in names if k not in stats and (kind, k) != ("official", "mean")]
     out = {}
-    for key, t in state.items():
-        split = zip("qkv", t.chunk(3)) if ".attn.qkv." in key else [(None, t)]
-        for n, part in split:
-            name = key.replace("attn.qkv.", f"attn.{n}.") if n else key
-            for hf, ours in reversed(SIGLIP_KEYS):
-                name = name.replace(ours, hf)
-            out[name] = part.contiguous()
-    return out
-
-
-def read_siglip_config(path):
-    """A snapshot folder's config.json -> (vision config, text config), with transformers' defaults filled in."""
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"{cfg_path}: file not found (expected a HF SigLIP-2 snapshot folder)")
-    try:
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
-    mt = cfg.get("model_type")
-    if mt == "siglip2":
-        raise ValueError(f"{cfg_path}: model_type 'siglip2' is a NaFlex checkpoint (variable resolution, linear "
-                         "patch embedding), which is not supported yet; use a fixed-resolution SigLIP-2 "
-                         "(model_type 'siglip', e.g. google/siglip2-so400m-patch14-224)")
-    if mt != "siglip":
-        raise ValueError(f"{cfg_path}: unknown model_type {mt!r}, expected 'siglip' (fixed-resolution SigLIP-2)")
-    vision = {**VISION_DEFAULTS, **{k: v for k, v in cfg.get("vision_config", {}).items() if k in VISION_DEFAULTS}}
-    text = {**TEXT_DEFAULTS, **{k: v for k, v in cfg.get("text_config", {}).items() if k in TEXT_DEFAULTS}}
-    for name, sub in (("vision_config", vision), ("text_config", text)):
-        if sub["hidden_act"] not in TANH_GELUS:
-            raise ValueError(f"{cfg_path}: {name}.hidden_act {sub['hidden_act']!r} is not supported")
-        if sub["hidden_size"] % sub["num_attention_heads"]:
-            raise ValueError(f"{cfg_path}: {name}.hidden_size is not divisible by num_attention_heads")
-    return vision, text
-
-
-def snapshot_files(path):
-    """The weight files of a snapshot: model.safetensors, or the shards its model.safetensors.index.json lists."""
-    index = os.path.join(path, "model.safetensors.index.json")
-    if not os.path.isfile(index):
-        return [os.path.join(path, "model.safetensors")]
-    try:
-        with open(index) as f:
-            return [os.path.join(path, n) for n in sorted(set(json.load(f)["weight_map"].values()))]
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"{index}: not a readable shard index, need key 'weight_map' ({type(e).__name__}: {e})") from None
-
-
-def load_siglip2(path, device=None, dtype=None, text=True):
-    """A HF snapshot folder of a fixed-resolution SigLIP-2 -> SigLIP2 (eval, frozen) with `.tokenizer`.
-    text=False skips the text tower (708M of so400m's 1.1B parameters) when only latents are needed.
-    The files are checked against config.json in HF's own key names; a bad snapshot fails with one message that
-    names the file and every bad key."""
-    vision_cfg, text_cfg = read_siglip_config(path)
-    with torch.device("meta"):
-        model = SigLIP2(vision_cfg, text_cfg if text else None)
-    # Without the text tower nothing uses the logit scale and bias, and a vision-only export has none.
-    needed = lambda k: text or not k.startswith(("text_model.", "logit_"))
-    expected = {k: v for k, v in ours_to_hf(model.state_dict()).items() if needed(k)}  # HF names, meta tensors
-    files = snapshot_files(path)
-    hf = {k: t for file in files for k, t in ckpt.read_safetensors(file, needed).items()
-          if not k.endswith("position_ids")}  # a non-persistent HF buffer that some old exports hold
-    where = files[0] if len(files) == 1 else os.path.join(path, "model.safetensors.index.json")
-    ckpt.report(where, ckpt.state_problems(hf, expected), " (config.json sets the expected shapes)")
-    state = fuse_qkv({hf_to_ours(k): t for k, t in hf.items()})
-    if not text:
-        state.update(logit_scale=torch.zeros(1), logit_bias=torch.zeros(1))
-    dtype = dtype or torch.float32
-    model.load_state_dict({k: t.to(device=device, dtype=dtype) for k, t in state.items()}, assign=True)
-    tok = os.path.join(path, "tokenizer.json")
-    model.tokenizer = GemmaTokenizer(tok, max_len=text_cfg["max_position_embeddings"],
-                                     vocab_size=text_cfg["vocab_size"]) if os.path.isfile(tok) else None
-    return model.eval().requires_grad_(False)
-
-
-def save_siglip2(path, model, tokenizer_json=None, config=None):
-    """Write `model` as a HF snapshot: model.safetensors in HF key names, config.json (+ the fields of `config`),
-    [tokenizer.json]."""
-    os.makedirs(path, exist_ok=True)
-    text = model.text is not None  # a vision-only model (load_siglip2(text=False)) saves a vision-only snapshot
-    state = {k: t for k, t in model.state_dict().items() if text or not k.startswith("logit_")}
-    ckpt.save_safetensors(os.path.join(path, "model.safetensors"), ours_to_hf(state), metadata={"format": "pt"})
-    config = {"model_type": "siglip", "initializer_factor": 1.0,
-              "vision_config": {"model_type": "siglip_vision_model", **model.vision.cfg},
-              **({"text_config": {"model_type": "siglip_text_model", **model.text.cfg}} if text else {}),
-              **(config or {})}
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    if tokenizer_json is not None:
-        with open(os.path.join(path, "tokenizer.json"), "w", encoding="utf-8") as f:
-            json.dump(tokenizer_json, f, ensure_ascii=False)
+    for key, name in zip(("mean", "var"), names):
+        t = stats.get(name)
+        if t is None:
+            continue
+        if not torch.is_tensor(t):
+            problems.append(f"key '{name}' is a {type(t).__name__}, expected a tensor")
+            continue
+        tok = t if kind == "ours" else as_tokens(t)  # (C,) or (N, C)
+        if kind == "diffusers" and t.shape == (1,):  # its default buffers: one value for every channel
+            tok = t.expand(channels) if channels else t
+        elif t.ndim not in ((1, 2) if kind == "ours" else (1, 2, 3)) or (channels and tok.shape[-1] != channels) or (
+                tok.ndim == 2 and tokens and tok.shape[0] != tokens):
+            problems.append(f"key '{name}' has shape {tuple(t.shape)}, expected {shapes}")
+            continue
+        if not t.is_floating_point():
+            problems.append(f"key '{name}' has dtype {t.dtype}, expected a floating-point tensor")
+        elif not torch.isfinite(t).all() or (key == "var" and (t < (-1e-5 if kind == "diffusers" else 0)).any()):
+            problems.append(f"key '{name}' has {'negative' if torch.isfinite(t).all() else 'non-finite'} entries")
+        else:
+            out[key] = tok.float().contiguous()
+    if not problems and "mean" in out and out["mean"].shape != out["var"].shape:
+        problems.append(f"key '{names[0]}' has shape {tuple(out['mean'].shape)} but '{names[1]}' has "
+                        f"{tuple(out['var'].shape)}")
+    ckpt.report(path, problems)
+    return {"mean": out.get("mean", torch.zeros_like(out["var"])), "var": out["var"]}
 
 
 # ----------------------------------------------------------------------------- decoder files
@@ -499,40 +301,136 @@ def save_decoder(path, decoder: Decoder):
     ckpt.save_safetensors(path, decoder.state_dict(), metadata={"decoder_config": json.dumps(asdict(decoder.cfg))})
 
 
-def load_decoder(path, device=None):
-    """A decoder written by `save_decoder` (config in the metadata) -> Decoder (eval)."""
-    cfg = ckpt.config_from_metadata(path, ckpt.read_metadata(path), "decoder_config", DecoderConfig)
-    with torch.device("meta"):
-        try:
-            dec = Decoder(cfg)
-        except ValueError as e:  # a num_tokens that is not a square grid, heads that do not divide the width
-            raise ValueError(f"{path}: metadata 'decoder_config': {e}") from None
-    ckpt.load_checked(dec, ckpt.read_safetensors(path), path)
-    dec.pos_embed = dec.pos_table()  # a fixed table, not in the file: rebuild it off the meta device
-    return dec.to(device).eval()
-
-
-# Released RAE decoders (official .pt state dicts and diffusers AutoencoderRAE files) -> our names, in this order.
+# The official GeneralDecoder's names (RAE-collections and nyu-visionx/siglip2_decoder model.pt) -> ours, in this order
+# (backwards: ours -> official). diffusers' AutoencoderRAE prefixes them with "decoder." and renames the attention.
 DECODER_KEYS = [("decoder_embed.", "embed."), ("trainable_cls_token", "cls_token"), ("decoder_norm.", "norm."),
                 ("decoder_pred.", "pred."), ("decoder_layers.", "blocks."), ("layernorm_before.", "norm1."),
                 ("layernorm_after.", "norm2."), ("attention.attention.query.", "attn.q."),
                 ("attention.attention.key.", "attn.k."), ("attention.attention.value.", "attn.v."),
-                ("attention.output.dense.", "attn.proj."), ("attention.to_q.", "attn.q."), ("attention.to_k.", "attn.k."),
-                ("attention.to_v.", "attn.v."), ("attention.to_out.0.", "attn.proj."), ("intermediate.dense.", "mlp.fc1."),
+                ("attention.output.dense.", "attn.proj."), ("intermediate.dense.", "mlp.fc1."),
                 ("output.dense.", "mlp.fc2.")]
+DIFFUSERS_KEYS = [("attention.to_q.", "attention.attention.query."), ("attention.to_k.", "attention.attention.key."),
+                  ("attention.to_v.", "attention.attention.value."), ("attention.to_out.0.", "attention.output.dense.")]
+# HF ViTMAEConfig's decoder defaults (the same as diffusers AutoencoderRAE's), for a config.json that omits a field;
+# without a config.json, RAE's ViT-XL (the official code reads configs/decoder/ViTXL/config.json from its repository).
+VITMAE_DECODER = dict(decoder_hidden_size=512, decoder_num_hidden_layers=8, decoder_num_attention_heads=16,
+                      decoder_intermediate_size=2048, layer_norm_eps=1e-12, hidden_act="gelu")
+VITXL_DECODER = dict(VITMAE_DECODER, decoder_hidden_size=1152, decoder_num_hidden_layers=28, decoder_intermediate_size=4096)
 
 
 def import_rae_decoder(state):
-    """Official RAE / diffusers AutoencoderRAE decoder keys -> our Decoder state dict (q/k/v fused)."""
+    """Official RAE / diffusers AutoencoderRAE decoder keys -> our Decoder state dict (q/k/v fused). Drops what is
+    not decoder weights: the stored sin-cos table, the encoder, and diffusers' pixel and latent statistics."""
     out = {}
     for key, t in state.items():
-        if key.endswith("decoder_pos_embed") or key.startswith("encoder"):
-            continue  # fixed sin-cos table (we recompute it) and encoder weights (we load SigLIP separately)
+        if key.endswith("decoder_pos_embed") or key.startswith(("encoder", "_latents")):
+            continue
         key = key.removeprefix("decoder.")
-        for theirs, ours in DECODER_KEYS:
+        for theirs, ours in DIFFUSERS_KEYS + DECODER_KEYS:
             key = key.replace(theirs, ours)
         out[key] = t
     return fuse_qkv(out)
+
+
+def decoder_file(path):
+    """A decoder path -> its file: the path itself, or in a folder model.pt, decoder.safetensors (train_decoder.py),
+    diffusion_pytorch_model.safetensors (diffusers), else the folder's only *.pt (e.g. dinov2_decoder.pt)."""
+    if not os.path.isdir(path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: file not found")
+        return path
+    for name in ("model.pt", "decoder.safetensors", "diffusion_pytorch_model.safetensors"):
+        if os.path.isfile(os.path.join(path, name)):
+            return os.path.join(path, name)
+    pts = sorted(glob.glob(os.path.join(path, "*.pt")))
+    if len(pts) != 1:
+        raise ValueError(f"{path}: no decoder file (model.pt, decoder.safetensors, diffusion_pytorch_model.safetensors"
+                         f" or one *.pt)" + (f"; several *.pt: {', '.join(map(os.path.basename, pts))}" if pts else ""))
+    return pts[0]
+
+
+def released_config(state, cfg_json, diffusers):
+    """DecoderConfig of a released decoder, from its tensors (C from decoder_embed, N from decoder_pos_embed, p from
+    decoder_pred) and its config.json (widths, depth, heads; ViT-XL without one) -> (config, problems)."""
+    c = {**(VITXL_DECODER if cfg_json is None else VITMAE_DECODER),
+         **{k: v for k, v in (cfg_json or {}).items() if k in VITMAE_DECODER}}
+    cfg_json, problems = cfg_json or {}, []
+    if c["layer_norm_eps"] != 1e-12 or c["hidden_act"] != "gelu":
+        problems.append(f"config.json layer_norm_eps {c['layer_norm_eps']} / hidden_act {c['hidden_act']!r}: only "
+                        "1e-12 / 'gelu' (the RAE decoder's) are supported")
+    shape = lambda k, i: state[k].shape[i] if torch.is_tensor(state.get(k)) and state[k].ndim > i else None
+    patch, image = cfg_json.get("patch_size"), cfg_json.get("image_size")
+    rows = shape("decoder_pred.weight", 0)  # p * p * 3
+    p = math.isqrt(rows // 3) if rows else (patch if isinstance(patch, int) else 16)
+    if isinstance(patch, int) and patch != p:
+        problems.append(f"config.json patch_size {patch}, but decoder_pred.weight has {rows} rows (patch {p})")
+    if shape("decoder_pos_embed", 1):
+        n = shape("decoder_pos_embed", 1) - 1
+    elif isinstance(image, int) and isinstance(patch, int):  # ViTMAEConfig: image_size is the decoder's output side
+        n = (image // patch) ** 2
+    elif diffusers:  # AutoencoderRAE: N = (encoder_input_size / encoder_patch_size)^2, defaults 224 / 14
+        n = (cfg_json.get("encoder_input_size", 224) // cfg_json.get("encoder_patch_size", 14)) ** 2
+    else:
+        n = 256  # RAE's 256-px models; a 512-px decoder stores its decoder_pos_embed (1025 rows)
+    cfg = DecoderConfig(latent_dim=shape("decoder_embed.weight", 1) or 768, num_tokens=n,  # config.json's is stale
+                        patch_size=p, hidden_size=c["decoder_hidden_size"], depth=c["decoder_num_hidden_layers"],
+                        num_heads=c["decoder_num_attention_heads"], mlp_dim=c["decoder_intermediate_size"])
+    return cfg, problems
+
+
+def load_released_decoder(file, state, diffusers, drop_first_token=False):
+    """An official GeneralDecoder state dict (or diffusers' AutoencoderRAE one) -> Decoder, all problems in one line.
+    Missing trainable_cls_token: zeros (the official strict=False load keeps its zero init); missing
+    decoder_pos_embed: the unscaled MAE table; a stored one is used as it is."""
+    beside = os.path.join(os.path.dirname(file), "config.json")
+    cfg_json = read_json(beside, "a decoder config") if os.path.isfile(beside) else None
+    names = DIFFUSERS_KEYS if diffusers else []  # checked in the file's own names, loaded in the official ones
+    rename = lambda k: "decoder." + reduce(lambda k, m: k.replace(m[1], m[0]), names, k) if diffusers else k
+    state = {reduce(lambda k, m: k.replace(*m), names, k.removeprefix("decoder.")): v for k, v in state.items()}
+    cfg, problems = released_config(state, cfg_json, diffusers)
+    try:
+        with torch.device("meta"):
+            dec = Decoder(cfg, drop_first_token)
+    except ValueError as e:
+        ckpt.report(file, problems + [str(e)])
+    D, g = cfg.hidden_size, math.isqrt(cfg.num_tokens)
+    expected = ours_to_hf(dec.state_dict(), DECODER_KEYS)  # official names
+    expected["decoder_pos_embed"] = torch.empty(1, 1 + cfg.num_tokens, D, device="meta")
+    state.setdefault("trainable_cls_token", torch.zeros(1, 1, D))
+    state.setdefault("decoder_pos_embed", decoder_pos_table(g, D)[None])
+    problems += ckpt.state_problems({rename(k): v for k, v in state.items()}, {rename(k): v for k, v in expected.items()})
+    ckpt.report(file, problems, "" if cfg_json is None else f" (with {beside})")
+    pos = state.pop("decoder_pos_embed")[0].float()
+    dec.load_state_dict({k: v.float() for k, v in import_rae_decoder(state).items()}, assign=True)
+    dec.pos_embed = pos
+    return dec
+
+
+def load_decoder(path, device=None, drop_first_token=False):
+    """A decoder file or folder -> Decoder (eval). `dec(z)`: z (B, N, C) -> (B, 3, H, W) in the encoder's normalised
+    pixel space (the official GeneralDecoder's unpatchified output; RAE.decode maps it to [-1, 1]). Reads
+      - ours (`save_decoder`): safetensors with the DecoderConfig in its metadata;
+      - an official decoder `model.pt` (RAE-collections, nyu-visionx/siglip2_decoder; torch.load weights-only), with
+        the HF ViTMAEConfig-style config.json beside it when there is one, else ViT-XL; C, N, p from the tensors;
+      - a diffusers AutoencoderRAE file (its decoder.* tensors; the config.json beside it when there is one).
+    drop_first_token: Scale-RAE's decoder, which takes (B, 1 + N, C) and ignores token 0 (see Decoder)."""
+    file = decoder_file(path)
+    if is_torch_file(file):
+        dec = load_released_decoder(file, ckpt.read_checkpoint(file), False, drop_first_token)
+        return dec.to(device).eval()
+    meta = ckpt.read_metadata(file)
+    diffusers = {} if "decoder_config" in meta else ckpt.read_safetensors(file, lambda k: k.startswith("decoder."))
+    if diffusers:
+        return load_released_decoder(file, diffusers, True, drop_first_token).to(device).eval()
+    cfg = ckpt.config_from_metadata(file, meta, "decoder_config", DecoderConfig)
+    with torch.device("meta"):
+        try:
+            dec = Decoder(cfg, drop_first_token)
+        except ValueError as e:  # a num_tokens that is not a square grid, heads that do not divide the width
+            raise ValueError(f"{file}: metadata 'decoder_config': {e}") from None
+    ckpt.load_checked(dec, ckpt.read_safetensors(file), file)
+    dec.pos_embed = dec.pos_table()  # a fixed table, not in the file: rebuild it off the meta device
+    return dec.to(device).eval()
 
 
 # ----------------------------------------------------------------------------- command line and smoke test

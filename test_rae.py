@@ -414,3 +414,224 @@ def test_so400m_patch14_224_matches_transformers(tmp_path):
              "logits": maxdiff(ours.logits(ours.vision.pool(h), ours.text.pool(t)), out.logits_per_image)}
     print(diffs)
     assert max(diffs.values()) < 1e-4, diffs
+
+
+# ----------------------------------------------------------------------------- released RAE files
+# diffusers' RAEDecoder (the oracle) has the official GeneralDecoder's math and names, with the attention renamed.
+DECODER_CONFIG = {"model_type": "vit_mae", "hidden_size": 1152, "decoder_hidden_size": 48, "decoder_num_hidden_layers": 2,
+                  "decoder_num_attention_heads": 4, "decoder_intermediate_size": 96, "patch_size": 2, "image_size": 32,
+                  "layer_norm_eps": 1e-12, "hidden_act": "gelu"}  # hidden_size: stale, the official code overwrites it
+
+
+def diffusers_decoder(seed=0):
+    from diffusers.models.autoencoders.autoencoder_rae import RAEDecoder
+    torch.manual_seed(seed)
+    ref = RAEDecoder(hidden_size=32, decoder_hidden_size=48, decoder_num_hidden_layers=2, decoder_num_attention_heads=4,
+                     decoder_intermediate_size=96, num_patches=256, patch_size=2, image_size=32).eval()
+    for p in ref.parameters():
+        p.add_(0.2 * torch.randn_like(p))
+    return ref
+
+
+def official_state(ref):
+    """The oracle's weights under the official GeneralDecoder names, decoder_pos_embed included (as model.pt holds)."""
+    out = {"decoder_pos_embed": ref.decoder_pos_embed.clone()}
+    for k, v in ref.state_dict().items():
+        for theirs, official in rae.DIFFUSERS_KEYS:
+            k = k.replace(theirs, official)
+        out[k] = v.clone()
+    return out
+
+
+def expected_image(ref, z, **kw):
+    return ref.unpatchify(ref(z, return_dict=True, **kw).logits)
+
+
+@pytest.mark.parametrize("case", ["config", "no config (ViT-XL)", "no cls token, no pos table", "stored pos table",
+                                  "dinov2_decoder.pt"])
+def test_official_decoder_matches_diffusers(tmp_path, monkeypatch, case):
+    ref = diffusers_decoder()
+    state = official_state(ref)
+    if case != "no config (ViT-XL)":
+        json.dump(DECODER_CONFIG, open(tmp_path / "config.json", "w"))
+    else:  # the ViT-XL the loader assumes without a config.json, shrunk to the oracle's size
+        monkeypatch.setattr(rae, "VITXL_DECODER", {k: DECODER_CONFIG.get(k, v) for k, v in rae.VITXL_DECODER.items()})
+        del state["decoder_pos_embed"]  # recomputed: the unscaled MAE table, diffusers' own at a 16 x 16 grid
+    if case == "no cls token, no pos table":
+        del state["trainable_cls_token"], state["decoder_pos_embed"]
+        ref.trainable_cls_token.zero_()  # the official strict=False load keeps its zero init
+    if case == "stored pos table":  # used as stored, not recomputed
+        ref.decoder_pos_embed = torch.randn_like(ref.decoder_pos_embed)
+        state["decoder_pos_embed"] = ref.decoder_pos_embed.clone()
+    name = "dinov2_decoder.pt" if case == "dinov2_decoder.pt" else "model.pt"
+    torch.save(state, tmp_path / name)
+    dec = rae.load_decoder(str(tmp_path if case == "dinov2_decoder.pt" else tmp_path / name))
+    assert dec.cfg == rae.DecoderConfig(latent_dim=32, num_tokens=256, patch_size=2, hidden_size=48, depth=2,
+                                        num_heads=4, mlp_dim=96)
+    z = torch.randn(2, 256, 32)
+    assert maxdiff(dec(z), expected_image(ref, z)) < 1e-5
+
+
+def test_scale_rae_decoder_drops_the_first_token(tmp_path):
+    """nyu-visionx/siglip2_decoder always drops input token 0 (its caller prepends a zero token): drop_first_token
+    reproduces it on (B, 1 + N, C), and equals decoding the N other tokens without the flag."""
+    ref = diffusers_decoder()
+    torch.save(official_state(ref), tmp_path / "model.pt")
+    json.dump(DECODER_CONFIG, open(tmp_path / "config.json", "w"))
+    dec = rae.load_decoder(str(tmp_path), drop_first_token=True)
+    z = torch.cat([torch.zeros(2, 1, 32), torch.randn(2, 256, 32)], dim=1)  # (B, 1 + N, C)
+    out = dec(z)
+    assert maxdiff(out, expected_image(ref, z, drop_cls_token=True)) < 1e-5
+    assert maxdiff(out, rae.load_decoder(str(tmp_path))(z[:, 1:])) < 1e-6
+    with pytest.raises(ValueError, match=r"decoder expects latents \(B, 257, 32\)"):
+        dec(z[:, 1:])
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(__file__), "fixtures", "rae_decoder.pt")),
+                    reason="fixtures/rae_decoder.pt (made from the official code) is not here")
+def test_official_decoder_fixture(tmp_path):
+    """fixtures/rae_decoder.pt: the official GeneralDecoder (bytetriper/RAE), tiny, random weights, its outputs for
+    RAE's call (drop_cls_token=False) and Scale-RAE's (token 0 dropped)."""
+    fx = torch.load(os.path.join(os.path.dirname(__file__), "fixtures", "rae_decoder.pt"), weights_only=True)
+    torch.save(fx["state"], tmp_path / "model.pt")
+    json.dump({k: v for k, v in fx["config"].items() if k != "num_patches"}, open(tmp_path / "config.json", "w"))
+    assert maxdiff(rae.load_decoder(str(tmp_path))(fx["z"]), fx["out"]) < 1e-5
+    assert maxdiff(rae.load_decoder(str(tmp_path), drop_first_token=True)(fx["z_drop"]), fx["out_drop"]) < 1e-5
+
+
+def hf_dinov2_snapshot(folder, state=None, seed=0, **cfg):
+    """A transformers Dinov2WithRegistersModel saved with save_pretrained (weights `state` where given, the final
+    LayerNorm perturbed: RAE must not use its affine)."""
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+    torch.manual_seed(seed)
+    model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**cfg)).eval()
+    for p in model.parameters():
+        p.add_(0.2 * torch.randn_like(p))
+    if state is not None:
+        model.load_state_dict(state, strict=False)
+    model.save_pretrained(folder)
+    return model
+
+
+def test_dinov2_rae_latent_is_the_official_one(tmp_path):
+    """RAE on DINOv2 (a 64-px image into a 56-px encoder, as 256 into 224): the official path by hand = [0, 1],
+    bicubic resize without antialias, ImageNet normalisation, the HF model with its final LayerNorm's affine removed,
+    CLS and registers dropped; then stat.pt with only var (no centring) and with a mean, in the (C, H, W) layout."""
+    hf = hf_dinov2_snapshot(str(tmp_path), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=56,
+                            patch_size=14, num_register_tokens=2)
+    model = rae.RAE(rae.load_dinov2(str(tmp_path)), input_size=56)
+    img = torch.rand(3, 3, 64, 64) * 2 - 1
+    x = F.interpolate((img + 1) / 2, size=(56, 56), mode="bicubic", align_corners=False)
+    x = (x - torch.tensor(rae.IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(rae.IMAGENET_STD).view(1, 3, 1, 1)
+    hf.layernorm.weight.fill_(1.0), hf.layernorm.bias.zero_()  # the official encoder: elementwise_affine=False
+    ref = hf(pixel_values=x).last_hidden_state[:, 3:]  # (B, 16, 32)
+    z = model.encode(img)
+    assert z.shape == (3, 16, 32) and maxdiff(z, ref) < 1e-4
+    var, mean = torch.rand(32, 4, 4) + 0.5, torch.randn(32, 4, 4)
+    grid = ref.transpose(1, 2).reshape(3, 32, 4, 4)  # the official (B, C, H, W) latent
+    for stats, want in [({"var": var}, grid / torch.sqrt(var + 1e-5)),
+                        ({"mean": mean, "var": var}, (grid - mean) / torch.sqrt(var + 1e-5))]:
+        torch.save(stats, tmp_path / "stat.pt")
+        normed = rae.RAE(model.encoder, stats=rae.load_latent_stats(str(tmp_path / "stat.pt"), 32, 16), input_size=56)
+        assert maxdiff(normed.encode(img), want.flatten(2).transpose(1, 2)) < 1e-4
+    assert torch.equal(rae.load_latent_stats(str(tmp_path / "stat.pt"))["var"], var.flatten(1).T)
+
+
+@pytest.mark.parametrize("shape", [(8, 2, 2), (8, 1, 1), (8,), (4, 8)])
+def test_official_stat_layouts(tmp_path, shape):
+    """stat.pt tensors (C, H, W), (C, 1, 1), (C,) and (H*W, C) standardize as the official broadcast over
+    (B, C, H, W) does ((H*W, C) read as its transpose)."""
+    mean, var = torch.randn(shape), torch.rand(shape) + 0.1
+    torch.save({"mean": mean, "var": var}, tmp_path / "stat.pt")
+    stats = rae.load_latent_stats(str(tmp_path / "stat.pt"), 8, 4)
+    grid = torch.randn(2, 8, 2, 2)  # (B, C, H, W)
+    chw = (lambda t: t.T.reshape(8, 2, 2)) if shape == (4, 8) else (lambda t: t.view(8, 1, 1) if t.ndim == 1 else t)
+    want = (grid - chw(mean)) / torch.sqrt(chw(var) + 1e-5)
+    z = grid.flatten(2).transpose(1, 2)  # (B, N, C)
+    got = (z - stats["mean"]) / torch.sqrt(stats["var"] + 1e-5)
+    assert maxdiff(got, want.flatten(2).transpose(1, 2)) < 1e-6
+
+
+def test_diffusers_autoencoder_rae_file(tmp_path):
+    """A whole diffusers AutoencoderRAE (DINOv2 encoder, stats, decoder) saved by save_pretrained: load_decoder reads
+    its decoder, load_latent_stats its _latents_mean / _latents_std, load_dinov2 a snapshot of its encoder; RAE then
+    encodes 256-px images and decodes latents as AutoencoderRAE does (its pixels are [0, 1], ours [-1, 1])."""
+    from diffusers import AutoencoderRAE
+    torch.manual_seed(0)
+    ae = AutoencoderRAE(encoder_type="dinov2", encoder_hidden_size=64, encoder_patch_size=14, encoder_num_hidden_layers=1,
+                        decoder_hidden_size=48, decoder_num_hidden_layers=2, decoder_num_attention_heads=4,
+                        decoder_intermediate_size=96, patch_size=2, encoder_input_size=224,
+                        latents_mean=torch.randn(64, 16, 16), latents_std=torch.rand(64, 16, 16) + 0.5).eval()
+    for p in ae.parameters():
+        p.add_(0.2 * torch.randn_like(p))
+    ae.save_pretrained(str(tmp_path / "ae"))
+    file = str(tmp_path / "ae" / "diffusion_pytorch_model.safetensors")
+    hf_dinov2_snapshot(str(tmp_path / "enc"), ae.encoder.state_dict(), hidden_size=64, num_attention_heads=1,
+                       num_hidden_layers=1, image_size=518, patch_size=14)
+    model = rae.RAE(rae.load_dinov2(str(tmp_path / "enc")), rae.load_decoder(str(tmp_path / "ae")),
+                    rae.load_latent_stats(file, 64, 256), input_size=224)
+    img = torch.rand(2, 3, 256, 256) * 2 - 1
+    ref = ae.encode((img + 1) / 2).latent  # (B, C, 16, 16)
+    z = model.encode(img)
+    assert maxdiff(z, ref.flatten(2).transpose(1, 2)) < 1e-4
+    assert maxdiff(model.decode(z), ae.decode(ref).sample * 2 - 1) < 1e-4
+
+
+def test_released_decoder_errors_name_every_key(tmp_path):
+    ref = diffusers_decoder()
+    state = official_state(ref)
+    k, k2 = "decoder_layers.0.attention.attention.query.weight", "decoder_layers.1.output.dense.weight"
+    del state[k]
+    state[k2] = torch.zeros(48, 95)
+    state["extra"] = torch.zeros(1)
+    torch.save(state, tmp_path / "model.pt")
+    json.dump({**DECODER_CONFIG, "layer_norm_eps": 1e-6}, open(tmp_path / "config.json", "w"))
+    with pytest.raises(ValueError) as e:
+        rae.load_decoder(str(tmp_path))
+    one_line_naming(e, str(tmp_path / "model.pt"), f"missing key '{k}'", f"key '{k2}' has shape (48, 95), expected "
+                    "(48, 96)", "unexpected key 'extra'", "layer_norm_eps 1e-06", str(tmp_path / "config.json"))
+    # a diffusers file: the same problems in its own names
+    save_file({"decoder." + k.replace("attention.attention.", "attention.to_").replace("query", "q")
+               .replace("key.", "k.").replace("value", "v").replace("attention.output.dense", "attention.to_out.0"): v
+               for k, v in official_state(ref).items() if k not in ("decoder_pos_embed", "decoder_layers.0.intermediate.dense.bias")},
+              str(tmp_path / "d.safetensors"))
+    with pytest.raises(ValueError) as e:
+        rae.load_decoder(str(tmp_path / "d.safetensors"))
+    one_line_naming(e, "missing key 'decoder.decoder_layers.0.intermediate.dense.bias'")
+    os.rename(tmp_path / "model.pt", tmp_path / "a.pt")  # no model.pt, two candidates: which one is not guessed
+    torch.save(state, tmp_path / "b.pt")
+    with pytest.raises(ValueError) as e:
+        rae.load_decoder(str(tmp_path))
+    one_line_naming(e, str(tmp_path), "several *.pt: a.pt, b.pt")
+
+
+def test_official_stats_errors_name_every_key(tmp_path):
+    torch.save({"mean": torch.zeros(5, 4, 4), "extra": torch.zeros(1)}, tmp_path / "stat.pt")
+    with pytest.raises(ValueError) as e:
+        rae.load_latent_stats(str(tmp_path / "stat.pt"), 8, 16)
+    one_line_naming(e, str(tmp_path / "stat.pt"), "missing key 'var'", "unexpected key 'extra'",
+                    "key 'mean' has shape (5, 4, 4), expected (8, H, W), (8, 1, 1), (8,) or (16, 8)")
+
+
+def test_released_vit_xl_sizes_on_meta():
+    """RAE-collections' ViT-XL decoder for a 768-wide encoder: 456 tensors, 415,352,704 parameters (its stored
+    pos table included), every shape inferred from the tensors (C, N, p) or ViT-XL's (no config.json)."""
+    with torch.device("meta"):
+        xl = rae.Decoder(rae.DecoderConfig(**rae.DECODER_PRESETS["XL"], latent_dim=768, patch_size=16))
+    state = rae.ours_to_hf(xl.state_dict(), rae.DECODER_KEYS)
+    state["decoder_pos_embed"] = torch.empty(1, 257, 1152, device="meta")
+    assert (len(state), sum(t.numel() for t in state.values())) == (456, 415_352_704)
+    dec = rae.load_released_decoder("nowhere/model.pt", state, diffusers=False)
+    assert dec.cfg == xl.cfg and dec.pos_embed.shape == (257, 1152)
+
+
+def test_siglip_rae_feeds_and_returns_img_itself(pair):
+    """SigLIP's input is (x - 0.5) / 0.5 of x in [0, 1], that is img in [-1, 1]: RAE hands img over untouched (no
+    rounding on the way), and decode returns the decoder's output as it is (x * 0.5 + 0.5 is [0, 1])."""
+    img = torch.rand(2, 3, 56, 56) * 2 - 1
+    model = rae.RAE(pair[1].vision, lambda z: z + 1)
+    assert model.pixels(img) is img and torch.equal(model.tokens(img), pair[1].vision(img))
+    assert torch.equal(model.decode(torch.ones(2)), torch.full((2,), 2.0))
+    resized = rae.RAE(pair[1].vision, input_size=28)  # a resize goes through [0, 1], as the official encode does
+    want = F.interpolate((img + 1) / 2, size=(28, 28), mode="bicubic", align_corners=False) / 0.5 - 1
+    assert maxdiff(resized.pixels(img), want) < 1e-6
