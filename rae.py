@@ -146,11 +146,12 @@ class RAE(nn.Module):
     encoder's, ImageNet for DINOv2, 0.5 for SigLIP, whose input is then img itself).
     SigLIP-2: the official latent is post_layernorm with its affine removed, over all tokens; that LayerNorm of the
     last block output (eps from config.json, 1e-6) is exactly ours. DINOv2: the final layernorm without affine, CLS
-    and registers dropped (that LayerNorm is per token, so dropping them first gives the same numbers)."""
+    and registers dropped (that LayerNorm is per token, so dropping them first gives the same numbers).
+    encoder None: a decode-only RAE (sampling needs no encoder), whose pixel stats must then be given."""
     def __init__(self, encoder, decoder: Decoder | None = None, stats=None, eps=1e-5, input_size=None,
                  pixel_mean=None, pixel_std=None):
         super().__init__()
-        self.encoder = encoder.eval().requires_grad_(False)
+        self.encoder = encoder and encoder.eval().requires_grad_(False)
         self.decoder = decoder
         self.eps, self.input_size = eps, input_size
         self.pixel_mean = tuple(pixel_mean or encoder.pixel_mean)

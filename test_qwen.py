@@ -16,6 +16,7 @@ import torch
 
 import ckpt
 import qwen
+import tokenizer
 from conftest import one_line_naming, run
 
 # a tiny Qwen2: GQA with 4 query heads over 2 k/v heads (head_dim 8), theta 1e4 so that short sequences rotate
@@ -109,13 +110,17 @@ class Tok:
 
 
 def tiny_tokenizer():
-    """A byte-level BPE as Qwen's: the 256 byte symbols, three merges, the five Scale-RAE special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    """A byte-level BPE set up as Qwen2's tokenizer.json (NFC, Split on its regex, ByteLevel): the 256 byte symbols,
+    three merges, the five Scale-RAE special tokens."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
     vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     merges = [("a", "s"), ("as", "s"), ("\u0120", "a")]  # "ass" of "assistant"; "\u0120" is the byte-level space
     vocab.update({a + b: len(vocab) + i for i, (a, b) in enumerate(merges)})
     tok = Tokenizer(models.BPE(vocab, merges))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(tokenizer.QWEN2_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(SPECIALS)
     return tok

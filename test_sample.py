@@ -136,7 +136,8 @@ def test_scale_rae_release_from_a_prompt(tmp_path):
     the official path (greedy answer, queries, projector, the DiT on its schedule from noise seed * 10^6), a 32-px
     image, and --guidance really applies (against the learned null condition)."""
     snap, dec = tmp_path / "snap", tmp_path / "dec"
-    tok = write_tiny_scale_rae(snap)  # the released latent: 256 tokens x 1152 (a tiny DiT and LLM around it)
+    with torch.no_grad():
+        tok = write_tiny_scale_rae(snap)  # the released latent: 256 tokens x 1152 (a tiny DiT and LLM around it)
     write_decoder(str(dec), decoder_state(1152, 32, 1, 64, 2), 1152, 32, 1, 2, 64, 2, 32)
     args = ["--ckpt", str(snap), "--decoder", str(dec), "--prompt", "a cat", "--seed", "2", "--save-latents"]
     sample.main(sample.parse_args([*args, "--out", str(tmp_path / "a")]))
