@@ -305,3 +305,33 @@ def test_noise_augment_sigma_per_sample():
     assert sigma.max() < 0.84 and sigma.min() < 0.01
     assert abs(sigma.mean().item() - 0.4) < 0.02 and abs(sigma.var().item() - 0.64 / 12) < 0.005
     assert train_decoder.noise_augment(z, 0.0) is z
+
+
+def test_class_conditional_dit_on_dinov2_latents(tmp_path):
+    """RAE's ImageNet setting on a tiny DINOv2 with registers (HF format): train_dit.py --class-cond --encoder DINOv2
+    encodes 256-px images at 224 (16 x 16 patches, CLS and registers dropped) in fp32, exactly as rae.RAE with
+    input_size 224 does; a DINOv2 encoder without --class-cond is refused (no text tower)."""
+    import ckpt
+    import rae
+    import toy
+    from test_encoders import hf_dinov2
+    with torch.no_grad():
+        hf_dinov2(str(tmp_path / "dino"))
+    world = toy.ToyWorld(256, seed=0)
+    for i in range(4):
+        folder = tmp_path / "classes" / ("ab"[i % 2])
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(((world[i]["img"] + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
+    out = str(tmp_path / "dit")
+    base = ["train_dit.py", *DIT, "--steps", "1", "--batch", "4", "--data", str(tmp_path / "classes"),
+            "--encoder", str(tmp_path / "dino"), "--out", out]
+    run(*base, "--class-cond", "--cache-latents", str(tmp_path / "cache"))
+    assert len(metrics(out)) == 1
+    cfg = json.loads(ckpt.read_metadata(os.path.join(out, "dit.safetensors"))["dit_config"])
+    assert (cfg["num_tokens"], cfg["in_channels"], cfg["cond"]) == (256, 32, "class")
+    ae = rae.RAE(rae.load_dinov2(str(tmp_path / "dino")), input_size=224)
+    cached = load_file(str(tmp_path / "cache" / "shard_000_00000.safetensors"))["z"].float()  # dataset order
+    img = torch.stack([toy.dataset(str(tmp_path / "classes"), 256)[i]["img"] for i in range(len(cached))])
+    torch.testing.assert_close(cached, ae.encode(img), atol=1e-5, rtol=1e-5)
+    r = run(*base[:-1], str(tmp_path / "text"), check=False)
+    assert r.returncode != 0 and "--class-cond" in r.stderr.strip().splitlines()[-1]

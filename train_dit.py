@@ -187,15 +187,23 @@ class FrozenTowers:
     """The frozen models: images -> latents z (B, N, C) (the RAE, or the FLUX VAE with --latent vae), captions ->
     text states (B, 64, Dt) (the SigLIP-2 text tower). Never trained, wrapped or saved. They run in fp32 (TF32 matmuls
     on a GPU), as the official code encodes: only the DiT trains under bf16 autocast. Under bf16 the latents would move
-    by about 1% of their scale, and the released DiTs and decoders were made with fp32 latents."""
+    by about 1% of their scale, and the released DiTs and decoders were made with fp32 latents.
+    A DINOv2 snapshot as --encoder gives RAE's ImageNet latent: 256-px images, resized to 224 inside the encoder
+    (16 x 16 patches of 14 px), CLS and registers dropped: (256, 768) for DINOv2-B. It has no text tower."""
     def __init__(self, args, run):
-        device = run.device
-        self.siglip = toy.load_encoder(args.encoder or "toy").to(device)
+        device, encoder = run.device, args.encoder or "toy"
         self.kind, self.device = args.latent, device
+        config = os.path.join(encoder, "config.json")
+        dinov2 = os.path.isfile(config) and rae.read_json(config, "a config").get("model_type", "").startswith("dinov2")
+        if dinov2 and not args.class_cond:
+            raise SystemExit(f"--encoder {encoder}: DINOv2 has no text tower; train it class-conditional (--class-cond)")
+        self.siglip = None if dinov2 else toy.load_encoder(encoder).to(device)
+        self.text = self.siglip.text if self.siglip is not None else None
         if args.latent == "rae":
-            stats = rae.load_latent_stats(args.stats, self.siglip.vision.pos_embed.shape[1]) if args.stats else None
-            self.rae = rae.RAE(self.siglip.vision, stats=stats).to(device)
-            self.size = self.siglip.vision.grid * self.siglip.vision.patch
+            vision = rae.load_dinov2(encoder, device) if dinov2 else self.siglip.vision
+            stats = rae.load_latent_stats(args.stats, vision.width) if args.stats else None
+            self.rae = rae.RAE(vision, stats=stats, input_size=224 if dinov2 else None).to(device)
+            self.size = 256 if dinov2 else self.siglip.vision.grid * self.siglip.vision.patch
         else:
             self.vae = vae.load_flux_vae(args.vae, device=device)
             self.size = 256  # 256 px -> 32 x 32 x 16 -> 2x2 patches: 256 tokens x 64, as Scale-RAE's baseline
@@ -226,7 +234,7 @@ def training_data(args, run, towers):
     if not args.cache_latents:
         return build()
     N, C = towers.shape
-    text = None if args.class_cond else list(towers.siglip.text.pos_embed.shape)  # (T, Dt)
+    text = None if args.class_cond else list(towers.text.pos_embed.shape)  # (T, Dt)
     fields = dict(latent=args.latent, N=N, C=C, text=text, encoder=args.encoder or "toy", vae=args.vae,
                   stats=args.stats, data=args.data, max_samples=args.max_samples, size=towers.size,
                   dtype=args.cache_dtype)  # what a later run must match to reuse DIR
@@ -238,10 +246,10 @@ def training_data(args, run, towers):
 def build_model(args, run, towers, train_set):
     """The DiT preset, fitted to the latent (N, C) and the text tower (or the classes), and its EMA copy."""
     N, C = towers.shape
-    tower = towers.siglip.text
+    tower = towers.text
     preset = dict(dit.PRESETS[args.model])
-    preset.update(in_channels=C, num_tokens=N, text_dim=tower.pos_embed.shape[1] if tower else 0,
-                  text_len=min(preset.get("text_len", 64), tower.pos_embed.shape[0]) if tower else 0)  # <= the tower's
+    preset.update(in_channels=C, num_tokens=N, text_dim=tower.pos_embed.shape[1] if tower is not None else 0,
+                  text_len=min(preset.get("text_len", 64), tower.pos_embed.shape[0]) if tower is not None else 0)  # <= the tower's
     if args.class_cond:
         preset.update(cond="class", num_classes=len(getattr(train_set, "classes", [])) or preset.get("num_classes", 1000))
     else:
@@ -325,7 +333,8 @@ def sample_grid(args, run, towers, cfg, ema, alpha, decoder, prompts, step):
         z = dit.sample(ema, noise, cond, alpha, steps=25, guidance=args.guidance)
     if decoder is None or not run.master:
         return
-    img = decoder(towers.rae.unnormalize(z.float())).clamp(-1, 1)  # (B, 3, H, W)
+    towers.rae.decoder = decoder  # its pixels are the encoder's (ImageNet-normalised for DINOv2): RAE.decode maps them
+    img = towers.rae.decode(z.float()).clamp(-1, 1)  # (B, 3, H, W)
     data.save_image_grid(os.path.join(args.out, f"samples_{step:06d}.png"), img, prompts)
 
 
