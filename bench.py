@@ -7,17 +7,20 @@
     python bench.py data         # data loading images/s per format
     python bench.py vae          # FLUX VAE encode/decode images/s, ours vs diffusers
     python bench.py toy          # after `python sample.py --demo`: where the toy demo's accuracy is lost
+    python bench.py released     # the released models at full size (random weights, fp32): s per model call, memory
     python bench.py all
 
 Reference libraries (transformers, diffusers) are imported inside the sections that compare against them.
 """
 import argparse
+import resource
 import time
 
 import torch
 
 import data
 import dit
+import qwen
 import rae
 import tokenizer
 import toy
@@ -377,8 +380,62 @@ def bench_toy(args):
         print(f"left object's colour read from the {name}: {acc:.0%} (chance among the two named: 50%)")
 
 
+# ----------------------------------------------------------------------------- released: the papers' models, full size
+def bench_released(args):
+    """Seconds per model call of the released models' networks at full size (random weights, fp32, batch 1, this
+    CPU), and the process's peak memory after each set is built and run: what sample.py spends per image is the
+    DiT's 49 calls (x2 with RAE's AutoGuidance guide), plus Scale-RAE's LLM answer and one decode."""
+    torch.manual_seed(0)
+    peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # GiB (ru_maxrss is in KiB)
+    nparams = lambda m: sum(p.numel() for p in m.parameters()) / 1e9
+
+    def dit_call(cfg, cond):
+        model = dit.DiT(cfg).eval()
+        x, t, drop = torch.randn(1, cfg.num_tokens, cfg.in_channels), torch.rand(1), torch.zeros(1, dtype=torch.bool)
+        with torch.no_grad():
+            return model, timeit(lambda: model(x, t, cond, drop), warmup=1, iters=args.iters)
+
+    def decode_call(C, p):
+        dec = rae.Decoder(rae.DecoderConfig(latent_dim=C, num_tokens=256, patch_size=p)).eval()  # ViT-XL
+        with torch.no_grad():
+            return dec, timeit(lambda: dec(torch.randn(1, 256, C)), warmup=1, iters=args.iters)
+
+    # RAE: DiT^DH-XL + its DiT^DH-S guide on DINOv2-B latents (256 x 768), the ViT-XL decoder
+    xl = dict(in_channels=768, num_tokens=256, cond="class", cond_silu=True, connector_depth=0)
+    label = torch.tensor([207])
+    main_dit, t_xl = dit_call(dit.DiTConfig(**dit.PRESETS["DiTDH-XL"] | xl), label)
+    guide, t_s = dit_call(dit.DiTConfig(**dit.PRESETS["DiTDH-XL"] | xl | dict(hidden_size=384, depth=12, num_heads=6)),
+                          label)
+    dec, t_dec = decode_call(768, 16)
+    print(f"RAE DiT^DH-XL ({nparams(main_dit):.3f}B) {t_xl:.2f} s/call, DiT^DH-S guide ({nparams(guide):.3f}B) "
+          f"{t_s:.2f} s/call, ViT-XL decoder {t_dec:.2f} s/image; one image with AutoGuidance: 49 x "
+          f"{t_xl + t_s:.2f} + {t_dec:.2f} = {49 * (t_xl + t_s) + t_dec:.0f} s; peak memory {peak():.1f} GiB")
+    del main_dit, guide, dec
+    # Scale-RAE: Qwen2.5-1.5B (prompt, an answer of 5 tokens with the cache, the 256 queries), the 2.4B DiT, decoder
+    llm = qwen.ScaleRAEText(qwen.QwenConfig(**qwen.PRESETS["Scale-RAE-1.5B"])).eval()
+    llm.init_weights()
+    ids = torch.randint(0, 151643, (1, 40))  # the ChatML prompt of a short caption: about 40 tokens
+
+    def answer():
+        cache = qwen.KVCache()
+        h = llm.hidden(ids, cache=cache)
+        for _ in range(5):
+            h = llm.hidden(llm.logits(h[:, -1:]).argmax(-1), cache=cache)
+        return llm.hidden(inputs_embeds=llm.model.latent_queries[None], cache=cache)
+
+    with torch.no_grad():
+        t_llm = timeit(answer, warmup=1, iters=args.iters)
+    big, t_big = dit_call(dit.DiTConfig(**dit.PRESETS["T2I-2.4B"] | dict(cond="tokens", cond_silu=True,
+                                                                          connector_depth=0)),
+                          torch.randn(1, 256, 2048))
+    dec, t_dec = decode_call(1152, 14)
+    print(f"Scale-RAE LLM answer + queries ({nparams(llm):.3f}B) {t_llm:.2f} s, DiT ({nparams(big):.3f}B) {t_big:.2f} "
+          f"s/call, decoder {t_dec:.2f} s/image; one image: {t_llm:.1f} + 49 x {t_big:.2f} + {t_dec:.2f} = "
+          f"{t_llm + 49 * t_big + t_dec:.0f} s; peak memory {peak():.1f} GiB")
+
+
 SECTIONS = {"rae": bench_rae, "tokenizer": bench_tokenizer, "dit": bench_dit, "data": bench_data, "vae": bench_vae,
-            "toy": bench_toy}
+            "toy": bench_toy, "released": bench_released}
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -319,16 +319,25 @@ def read_config(path):
 
 def read_weights(path, keep=None):
     """Tensors of a snapshot folder whose key passes `keep`, from model.safetensors or from every shard that
-    model.safetensors.index.json lists -> (dict, the file that errors should name)."""
-    index = os.path.join(path, "model.safetensors.index.json")
-    if not os.path.isfile(index):
-        single = os.path.join(path, "model.safetensors")
-        return ckpt.read_safetensors(single, keep), single
-    weight_map = read_json(index).get("weight_map")
-    if not isinstance(weight_map, dict):
-        raise ValueError(f"{index}: not a shard index (no 'weight_map' object)")
-    files = sorted({f for k, f in weight_map.items() if keep is None or keep(k)})
-    return {k: t for f in files for k, t in ckpt.read_safetensors(os.path.join(path, f), keep).items()}, index
+    model.safetensors.index.json lists; else the same in PyTorch's format (pytorch_model.bin [+ .index.json], read
+    weights-only), which a snapshot may hold instead -> (dict, the file that errors should name)."""
+    def read_bin(file, keep):  # mmap: tensors are paged in as they are used, not all read up front
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        return {k: t for k, t in state.items() if keep is None or keep(k)}
+
+    kinds = [("model.safetensors", ckpt.read_safetensors), ("pytorch_model.bin", read_bin)]
+    for name, read in kinds:
+        single, index = os.path.join(path, name), os.path.join(path, name + ".index.json")
+        if os.path.isfile(index):
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index}: not a shard index (no 'weight_map' object)")
+            files = sorted({f for k, f in weight_map.items() if keep is None or keep(k)})
+            return {k: t for f in files for k, t in read(os.path.join(path, f), keep).items()}, index
+        if os.path.isfile(single):
+            return read(single, keep), single
+    single = os.path.join(path, "model.safetensors")
+    return ckpt.read_safetensors(single, keep), single  # neither kind: this read names the missing file
 
 
 def load_weights(model, path, ignore=(), device=None, dtype=None):

@@ -254,6 +254,31 @@ def test_matches_transformers(tmp_path, tie, shards, transformers5):
     assert all(p.device.type == "cpu" and not p.requires_grad for p in model.parameters())
 
 
+@pytest.mark.parametrize("shards", [1, 2])
+def test_pytorch_bin_snapshots_load_as_safetensors_ones(tmp_path, shards):
+    """A snapshot whose weights are pytorch_model.bin (or its shards + pytorch_model.bin.index.json), as a HF release
+    may ship them, gives the same model as the safetensors one."""
+    ref = hf_model(tie=True)
+    state = {k: v.contiguous() for k, v in hf_state(ref).items()}
+    write_snapshot(tmp_path / "st", state, qwen2_config(True, False), shards)
+    os.makedirs(tmp_path / "bin")
+    os.rename(tmp_path / "st" / "config.json", tmp_path / "bin" / "config.json")
+    if shards == 1:
+        torch.save(state, tmp_path / "bin" / "pytorch_model.bin")
+    else:
+        index = json.load(open(tmp_path / "st" / "model.safetensors.index.json"))
+        files = {f.replace("model-", "pytorch_model-").replace(".safetensors", ".bin") for f in index["weight_map"].values()}
+        for f in files:
+            torch.save({k: v for k, v in state.items() if index["weight_map"][k] == f.replace("pytorch_model-", "model-")
+                        .replace(".bin", ".safetensors")}, tmp_path / "bin" / f)
+        index["weight_map"] = {k: f.replace("model-", "pytorch_model-").replace(".safetensors", ".bin")
+                               for k, f in index["weight_map"].items()}
+        json.dump(index, open(tmp_path / "bin" / "pytorch_model.bin.index.json", "w"))
+    model = qwen.load(str(tmp_path / "bin"))
+    ids = torch.randint(0, TINY["vocab_size"], (1, 6), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(model(ids), ref(ids).logits, atol=1e-4, rtol=0)
+
+
 def test_cache_equals_full_forward(tmp_path):
     """Prefill, single tokens, then a chunk of several at an offset (the causal mask shifted by the cache):
     the same states and logits as one cache-free forward, batch 2."""
