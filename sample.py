@@ -259,7 +259,7 @@ def read_items(args, m):
     --n times; --per-class: every class --per-class times, in a seeded random order (as RAE's "equal" labels)."""
     cfg = m.model.cfg
     if cfg.cond == "class":
-        names = read_lines(args.class_names, "--class-names") if args.class_names else []
+        names = read_lines(args.class_names, "class names") if args.class_names else []
         if args.per_class:
             order = torch.randperm(cfg.num_classes * args.per_class, generator=torch.Generator().manual_seed(args.seed))
             return (order % cfg.num_classes).tolist()
@@ -271,7 +271,7 @@ def read_items(args, m):
         return [c for c in ids for _ in range(args.n)]
     if args.classes or args.per_class:
         raise SystemExit(f"--class / --per-class: {args.ckpt} is conditioned on text; give --prompt TEXT instead")
-    prompts = list(args.prompt) + (read_lines(args.prompts, "--prompts") if args.prompts else [])
+    prompts = list(args.prompt) + (read_lines(args.prompts, "prompts") if args.prompts else [])
     if not prompts:
         raise SystemExit("no prompt: give --prompt TEXT (repeatable) or --prompts FILE")
     if m.siglip is not None:  # our DiTs read the tower's 64 positions, of which the first text_len
@@ -283,12 +283,13 @@ def read_items(args, m):
     return [p for p in prompts for _ in range(args.n)]
 
 
-def read_lines(path, flag):
+def read_lines(path, what):
+    """The non-empty lines of a UTF-8 text file; an unreadable one stops with one line naming it."""
     try:
         with open(path, encoding="utf-8") as f:
             return [line.strip() for line in f if line.strip()]
     except (OSError, UnicodeDecodeError) as e:
-        raise SystemExit(f"{flag} {path}: cannot read it ({type(e).__name__}: {e})") from None
+        raise SystemExit(f"{path}: cannot read the {what} ({type(e).__name__}: {e})") from None
 
 
 def score(siglip, ae, z, img, prompts):
