@@ -188,11 +188,27 @@ class LatentCache(Dataset):
         return out
 
 
+# ----------------------------------------------------------------------------- the RAE a script's --encoder gives
+def load_rae(encoder, device=None, stats=None, text=True):
+    """--encoder -> (RAE, the image size it reads, the SigLIP-2 with its text tower, or None). A SigLIP-2 snapshot (or
+    the toy one for None / "toy") encodes at its own resolution. A DINOv2 snapshot gives RAE's ImageNet latent:
+    256-px images, resized to 224 inside the RAE (16 x 16 patches of 14 px), CLS and registers dropped ((256, 768)
+    for DINOv2-B); it has no text tower. stats: a latent statistics file (ours or the official stat.pt)."""
+    config = os.path.join(encoder or "", "config.json")
+    if os.path.isfile(config) and rae.read_json(config, "a config").get("model_type", "").startswith("dinov2"):
+        vision, siglip, size, input_size = rae.load_dinov2(encoder, device), None, 256, 224
+    else:
+        siglip = toy.load_encoder(encoder, text=text).to(device)
+        vision, size, input_size = siglip.vision, siglip.vision.grid * siglip.vision.patch, None
+    stats = rae.load_latent_stats(stats, vision.width) if stats else None
+    return rae.RAE(vision, stats=stats, input_size=input_size).to(device), size, siglip
+
+
 # ----------------------------------------------------------------------------- latent statistics over a dataset
 def stats_main(argv=None):
     p = argparse.ArgumentParser(prog="latents.py stats", description="Mean and variance of the RAE latent over a "
                                 "dataset, for train_dit.py --stats (one process; GPU when present).")
-    p.add_argument("--encoder", help="SigLIP-2 snapshot folder (default: the toy encoder)")
+    p.add_argument("--encoder", help="SigLIP-2 or DINOv2 snapshot folder (default: the toy encoder)")
     p.add_argument("--data", required=True, help="'toy', an image folder, class folders, or .tar shards")
     p.add_argument("--out", required=True, help="the stats file to write (safetensors: mean, var)")
     p.add_argument("--per", choices=["channel", "element"], default="channel",
@@ -202,8 +218,8 @@ def stats_main(argv=None):
     p.add_argument("--workers", type=int, default=4, help="DataLoader workers")
     a = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    vision = toy.load_encoder(a.encoder, text=False).vision.to(device)  # fp32: the statistics of the real latent
-    dataset = toy.dataset(a.data, vision.grid * vision.patch, limit=a.max_samples)
+    ae, size, _ = load_rae(a.encoder, device, text=False)  # fp32: the statistics of the real latent
+    dataset = toy.dataset(a.data, size, limit=a.max_samples)
     loader = DataLoader(dataset, a.batch, num_workers=a.workers, collate_fn=data.collate)
     bad = data.BadSampleCounter()
     def images():  # (B, 3, H, W) batches; bad samples were dropped and counted by the reader
@@ -211,7 +227,7 @@ def stats_main(argv=None):
             bad.update(batch.pop("bad"))
             if batch:
                 yield batch["img"].to(device)
-    stats = rae.compute_latent_stats(rae.RAE(vision), images(), per=a.per)
+    stats = rae.compute_latent_stats(ae, images(), per=a.per)
     rae.save_latent_stats(a.out, stats)
     print(f"wrote {a.out}: mean and var {tuple(stats['mean'].shape)}; {bad}")
 

@@ -241,7 +241,8 @@ def load_scale_rae_release(args, device):
     def conditions(prompts):  # greedy decoding until <im_start>, then the queries' states: (b, 256, Dy)
         out = []
         for p in prompts:
-            y, answer = qwen.conditions(text, tokenizer, p)
+            with tqdm(desc="LLM answer", unit="token") as bar:
+                y, answer = qwen.conditions(text, tokenizer, p, progress=lambda ids: bar.update(1))
             print(f"LLM answer: {answer!r}")
             out.append(y)
         return torch.cat(out)

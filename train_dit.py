@@ -188,26 +188,20 @@ class FrozenTowers:
     text states (B, 64, Dt) (the SigLIP-2 text tower). Never trained, wrapped or saved. They run in fp32 (TF32 matmuls
     on a GPU), as the official code encodes: only the DiT trains under bf16 autocast. Under bf16 the latents would move
     by about 1% of their scale, and the released DiTs and decoders were made with fp32 latents.
-    A DINOv2 snapshot as --encoder gives RAE's ImageNet latent: 256-px images, resized to 224 inside the encoder
-    (16 x 16 patches of 14 px), CLS and registers dropped: (256, 768) for DINOv2-B. It has no text tower."""
+    A DINOv2 snapshot as --encoder gives RAE's ImageNet latent (latents.load_rae); it has no text tower."""
     def __init__(self, args, run):
-        device, encoder = run.device, args.encoder or "toy"
-        self.kind, self.device = args.latent, device
-        config = os.path.join(encoder, "config.json")
-        dinov2 = os.path.isfile(config) and rae.read_json(config, "a config").get("model_type", "").startswith("dinov2")
-        if dinov2 and not args.class_cond:
-            raise SystemExit(f"--encoder {encoder}: DINOv2 has no text tower; train it class-conditional (--class-cond)")
-        self.siglip = None if dinov2 else toy.load_encoder(encoder).to(device)
-        self.text = self.siglip.text if self.siglip is not None else None
+        self.kind, self.device = args.latent, run.device
         if args.latent == "rae":
-            vision = rae.load_dinov2(encoder, device) if dinov2 else self.siglip.vision
-            stats = rae.load_latent_stats(args.stats, vision.width) if args.stats else None
-            self.rae = rae.RAE(vision, stats=stats, input_size=224 if dinov2 else None).to(device)
-            self.size = 256 if dinov2 else self.siglip.vision.grid * self.siglip.vision.patch
+            self.rae, self.size, self.siglip = latents.load_rae(args.encoder, run.device, args.stats)
         else:
-            self.vae = vae.load_flux_vae(args.vae, device=device)
+            self.siglip = toy.load_encoder(args.encoder or "toy").to(run.device)
+            self.vae = vae.load_flux_vae(args.vae, device=run.device)
             self.size = 256  # 256 px -> 32 x 32 x 16 -> 2x2 patches: 256 tokens x 64, as Scale-RAE's baseline
-        self.shape = tuple(self.latents(torch.zeros(1, 3, self.size, self.size, device=device)).shape[1:])  # (N, C)
+        if self.siglip is None and not args.class_cond:
+            raise SystemExit(f"--encoder {args.encoder}: DINOv2 has no text tower; train it class-conditional "
+                             f"(--class-cond)")
+        self.text = self.siglip.text if self.siglip is not None else None
+        self.shape = tuple(self.latents(torch.zeros(1, 3, self.size, self.size, device=run.device)).shape[1:])  # (N, C)
 
     @torch.no_grad()
     def latents(self, img):
