@@ -20,7 +20,7 @@ REFERENCES = {"transformers", "tokenizers", "diffusers"}  # requirements-dev.txt
 # what each module may import from this project (scripts, the files not listed, may import any)
 ALLOWED = {"ckpt": set(), "tokenizer": set(), "rae": {"ckpt", "tokenizer"}, "dit": {"ckpt"}, "vae": set(),
            "data": set(), "hub": set(), "training": set(), "toy": {"data", "rae", "tokenizer"},
-           "latents": {"ckpt", "data", "rae", "toy"}, "eval": {"ckpt"}}
+           "latents": {"ckpt", "data", "rae", "toy"}, "eval": {"ckpt", "data", "rae", "toy"}}
 MODEL_FILES = {"ckpt", "tokenizer", "rae", "dit", "vae"}
 
 
