@@ -31,6 +31,16 @@ import toy
 from conftest import one_line_naming, run, torchrun
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One thread, as conftest runs every script: the in-process runs then compute as the torchrun ones do, and on a
+    small shared machine a second thread mostly waits (the Inception tests ran 5x slower with two)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def reference_fd(mu1, sigma1, mu2, sigma2):
     """pytorch-fid's calculate_frechet_distance (and the ADM evaluator's), with scipy's sqrtm."""
     covmean = scipy.linalg.sqrtm(sigma1.dot(sigma2))
@@ -311,25 +321,24 @@ def toy_folders(tmp_path, n=4, size=64):
 
 
 def test_cli_fid_one_process_and_torchrun(fid_inception, tmp_path):
-    """FD of a folder against itself is 0, against another > 0 (grid.png, sample.py's overview, is no sample).
-    torchrun (2 processes, gloo) extracts the features one process does (the reference statistics it writes), and
-    gives the same FID, here from that statistics file standing in for the folder."""
+    """FD of a folder against itself is 0 (grid.png, sample.py's overview, is no sample); against the statistics of
+    another folder, written by --save-ref-stats, > 0. torchrun (2 processes, gloo, unequal shares of 3 images)
+    writes the statistics of the same features as one process."""
     _, pth = fid_inception
-    a, _, noise = toy_folders(tmp_path, n=3)  # 3 images over 2 ranks: unequal shares
+    a, _, noise = toy_folders(tmp_path, n=3)
     Image.fromarray(np.zeros((64, 128, 3), np.uint8)).save(os.path.join(a, "grid.png"))
     common = ["--metrics", "fid", "--inception", pth, "--batch", "2"]
     cli = lambda *args: metrics.main(metrics.parse_args([*args, *common]))
-    self_fd = cli("--gen", a, "--ref", a, "--workers", "2")  # two DataLoader workers split the folder
-    one = cli("--gen", a, "--ref", noise, "--workers", "0")
-    assert self_fd["n_gen"] == one["n_gen"] == 3 and abs(self_fd["fid"]) < 1e-9 * one["fid"], (self_fd, one)
     stats = [str(tmp_path / f"{n}.safetensors") for n in ("one", "two")]
-    cli("--ref", noise, "--save-ref-stats", stats[0], "--workers", "0")
-    torchrun("eval.py", "--ref", noise, "--save-ref-stats", stats[1], *common, "--workers", "0")
+    cli("--ref", noise, "--save-ref-stats", stats[0], "--workers", "2")  # two DataLoader workers split the folder
+    r = torchrun("eval.py", "--ref", noise, "--save-ref-stats", stats[1], *common, "--workers", "0")
+    assert r.stdout.count("wrote") == 1  # rank 0 writes and prints
     for x, y in zip(*(metrics.load_stats(path, "inception") for path in stats)):  # the same, up to float rounding
         torch.testing.assert_close(x, y, rtol=0, atol=1e-4 * float(x.abs().max()))
-    r = torchrun("eval.py", "--gen", a, "--ref", stats[0], *common, "--workers", "0", "--out", str(tmp_path / "r.json"))
-    two = json.load(open(tmp_path / "r.json"))
-    assert r.stdout.count("fid") == 1 and two["n_gen"] == 3 and abs(one["fid"] - two["fid"]) < 1e-5 * one["fid"]
+    self_fd = cli("--gen", a, "--ref", a, "--workers", "0", "--out", str(tmp_path / "self.json"))
+    fd = cli("--gen", a, "--ref", stats[1], "--workers", "0")
+    assert self_fd == json.load(open(tmp_path / "self.json")) and self_fd["n_gen"] == fd["n_gen"] == 3
+    assert abs(self_fd["fid"]) < 1e-9 * fd["fid"], (self_fd, fd)
 
 
 def read_folder(folder):
