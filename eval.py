@@ -466,8 +466,8 @@ def load_extractors(args, metrics, device):
     return out, siglip
 
 
-def read_prompts(args, n):
-    """The n prompts of the generated images, in file order: --prompts, else those sample.py --save-latents stored."""
+def read_prompts(args):
+    """The prompts of the generated images, in file order: --prompts, else those sample.py --save-latents stored."""
     path = args.prompts or os.path.join(args.gen, "latents.safetensors")
     if not os.path.exists(path):
         raise SystemExit(f"siglip / toy_geneval need the prompts: --prompts FILE, or {path} (sample.py --save-latents)")
@@ -476,12 +476,10 @@ def read_prompts(args, n):
             prompts = [line.strip() for line in f if line.strip()]
     else:
         prompts = json.loads(ckpt.read_metadata(path).get("prompts", "[]"))
-    if len(prompts) != n:
-        raise SystemExit(f"{path}: {len(prompts)} prompts for {n} generated images")
     return prompts
 
 
-def compute(args, metrics, gen, ref, siglip):
+def compute(args, metrics, gen, ref, siglip, prompts):
     """The metrics from the features (ref: features, or (mu, sigma) from a statistics file), as a flat dict."""
     stats = lambda feats: feats if isinstance(feats, tuple) else feature_stats(feats)
     files = [os.path.join(args.gen, f) for f in data.list_images(args.gen) if f != "grid.png"]
@@ -493,7 +491,8 @@ def compute(args, metrics, gen, ref, siglip):
         out["precision"], out["recall"] = precision_recall(ref[args.pr_features], gen[args.pr_features])
     if "dc" in metrics:
         out["density"], out["coverage"] = density_coverage(ref[args.pr_features], gen[args.pr_features])
-    prompts = read_prompts(args, out["n_gen"]) if {"siglip", "toy_geneval"} & set(metrics) else None
+    if prompts is not None and len(prompts) != out["n_gen"]:
+        raise SystemExit(f"{len(prompts)} prompts for {out['n_gen']} generated images")
     if "siglip" in metrics:
         out["siglip"] = float(torch.cat([siglip_scores(siglip, gen["siglip"][i:i + 256], prompts[i:i + 256])
                                          for i in range(0, len(prompts), 256)]).mean())
@@ -518,6 +517,7 @@ def main(args):
                else None)
     if problem:
         raise SystemExit(problem)
+    prompts = read_prompts(args) if {"siglip", "toy_geneval"} & set(metrics) else None  # before the long part
     device, master = setup()
     extractors, siglip = load_extractors(args, metrics, device)
     read = lambda spec, kinds: extract(spec, {k: extractors[k] for k in kinds}, args.size, args.batch, args.workers)
@@ -530,7 +530,7 @@ def main(args):
         print(f"wrote {args.save_ref_stats}: {', '.join(kinds)} statistics of {len(ref[kinds[0]])} images")
     elif not args.save_ref_stats:
         gen = read(args.gen, sorted(extractors)) if extractors else {}
-        results = compute(args, metrics, gen, ref, siglip) if master else None
+        results = compute(args, metrics, gen, ref, siglip, prompts) if master else None
         for k, v in (results or {}).items():  # one line per metric, on rank 0
             print(f"{k:16s} {v:.6g}" if isinstance(v, float) else f"{k:16s} {v}")
         if master and args.out:

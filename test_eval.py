@@ -17,6 +17,7 @@ import importlib.util
 import json
 import os
 import sys
+import tarfile
 import types
 
 import numpy as np
@@ -339,6 +340,32 @@ def test_cli_fid_one_process_and_torchrun(fid_inception, tmp_path):
     fd = cli("--gen", a, "--ref", stats[1], "--workers", "0")
     assert self_fd == json.load(open(tmp_path / "self.json")) and self_fd["n_gen"] == fd["n_gen"] == 3
     assert abs(self_fd["fid"]) < 1e-9 * fd["fid"], (self_fd, fd)
+
+
+def test_extract_reads_folders_and_tar_shards_in_file_order(tmp_path, capsys):
+    """The same images as a folder (with an unreadable file among them) and as two WebDataset tar shards (no captions
+    needed): the same features, in file order, with every split over DataLoader workers; the bad file is skipped and
+    counted."""
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 256, (40, 40 + 8 * (k % 2), 3), dtype=np.uint8) for k in range(5)]
+    folder = write_folder(tmp_path / "images", arrays)
+    (tmp_path / "images" / "0002_broken.png").write_bytes(b"not a png")
+    for shard, ks in (("s-0.tar", (0, 1, 2)), ("s-1.tar", (3, 4))):
+        with tarfile.open(tmp_path / shard, "w") as tar:
+            for k in ks:
+                tar.add(os.path.join(folder, f"{k:04d}.png"), arcname=f"{k:04d}.png")
+    mean_colour = {"rgb": lambda img: img.mean((2, 3))}
+    want = torch.tensor(np.stack([a[:, (a.shape[1] - 40) // 2:][:, :40].mean((0, 1)) for a in arrays])) / 127.5 - 1
+    for spec in (folder, str(tmp_path / "s-{0..1}.tar")):
+        for workers in (0, 2):
+            got = metrics.extract(spec, mean_colour, size=40, batch=2, workers=workers)["rgb"]
+            torch.testing.assert_close(got, want.float(), rtol=0, atol=1e-5)
+    assert "0002_broken.png" in capsys.readouterr().err
+    # size 0: as stored, center-cropped to the shorter side (40 for all of these); mixed sides need --size
+    torch.testing.assert_close(metrics.extract(folder, mean_colour, batch=2)["rgb"], want.float(), rtol=0, atol=1e-5)
+    mixed = write_folder(tmp_path / "mixed", [arrays[0], rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)])
+    with pytest.raises(ValueError, match="--size"):
+        metrics.extract(mixed, mean_colour, batch=2)
 
 
 def read_folder(folder):
