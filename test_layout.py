@@ -22,7 +22,8 @@ REFERENCES = {"transformers", "tokenizers", "diffusers"}  # requirements-dev.txt
 ALLOWED = {"ckpt": set(), "tokenizer": set(), "encoders": {"ckpt", "tokenizer"}, "rae": {"ckpt", "encoders"},
            "dit": {"ckpt", "flow", "released"}, "flow": set(), "released": set(), "vae": set(),
            "data": set(), "hub": set(), "training": set(), "toy": {"data", "rae", "tokenizer"},
-           "latents": {"ckpt", "data", "rae", "toy"}, "eval": {"ckpt"}, "qwen": {"ckpt", "tokenizer"}}
+           "latents": {"ckpt", "data", "rae", "toy"}, "eval": {"ckpt", "data", "rae", "toy"},
+           "qwen": {"ckpt", "tokenizer"}}
 MODEL_FILES = {"ckpt", "tokenizer", "encoders", "rae", "dit", "flow", "released", "vae", "qwen"}
 
 
