@@ -373,14 +373,16 @@ def read_folder(folder):
                         for f in sorted(os.listdir(folder))])
 
 
-def test_cli_dinov2_prdc_siglip_and_toy_geneval(tmp_path, monkeypatch, toy_encoder):
-    """In one process with a tiny random DINOv2 standing in for rae.load_dinov2: FD-DINOv2, precision / recall and
-    density / coverage in DINOv2 space equal the functions on the extracted features; the SigLIP score and the toy
-    GenEval of real toy images with their own captions."""
-    enc = tiny_dinov2()
-    monkeypatch.setattr(rae, "load_dinov2", lambda path: enc, raising=False)
+def test_cli_dinov2_prdc_siglip_and_toy_geneval(tmp_path, toy_encoder):
+    """In one process with a tiny random plain DINOv2 snapshot (HF format; FD-DINOv2 uses DINOv2 without registers):
+    FD-DINOv2, precision / recall and density / coverage in DINOv2 space equal the functions on the extracted
+    features; the SigLIP score and the toy GenEval of real toy images with their own captions."""
+    from test_encoders import hf_dinov2
+    with torch.no_grad():
+        hf_dinov2(str(tmp_path / "dino"), registers=False)
+    enc = rae.load_dinov2(str(tmp_path / "dino"))
     a, b, noise = toy_folders(tmp_path, n=8)
-    args = ["--dinov2", "stand-in", "--pr-features", "dinov2", "--workers", "0", "--batch", "4"]
+    args = ["--dinov2", str(tmp_path / "dino"), "--pr-features", "dinov2", "--workers", "0", "--batch", "4"]
     got = metrics.main(metrics.parse_args(["--gen", a, "--ref", b, "--metrics", "fd_dinov2,pr,dc", *args]))
     feats = [metrics.dinov2_features(enc, read_folder(d)) for d in (a, b)]
     want = metrics.frechet_distance(*metrics.feature_stats(feats[0]), *metrics.feature_stats(feats[1]))
