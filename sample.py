@@ -40,6 +40,7 @@ from tqdm import tqdm
 import ckpt
 import data
 import dit
+import eval
 import qwen
 import rae
 import toy
@@ -295,12 +296,11 @@ def read_lines(path, what):
 
 def score(siglip, ae, z, img, prompts):
     """Print each sample's SigLIP logit with its own prompt, straight from its latent z; with images, and when every
-    prompt is a toy caption, the toy GenEval accuracies overall and by kind of prompt (returned)."""
+    prompt is a toy caption, the toy GenEval accuracies overall and by kind of prompt, and the FD to real toy images
+    in the toy encoder's space beside its real-vs-real floor (returned with the accuracies)."""
     if z is not None:
         with torch.no_grad():
-            img_emb = siglip.vision.pool(ae.unnormalize(z))
-            txt_emb = siglip.text.pool(siglip.text(siglip.tokenizer(prompts).to(z.device)))
-            logits = siglip.logits(img_emb, txt_emb).diagonal()
+            logits = eval.siglip_scores(siglip, eval.siglip_latent_embeddings(ae, z), prompts)
         for p, s in zip(prompts, logits.tolist()):
             print(f"siglip logit {s:7.3f}  {p}")
     truth = toy.toy_truth(prompts)  # None for prompts that are not toy-world captions
@@ -314,7 +314,10 @@ def score(siglip, ae, z, img, prompts):
         idx = [i for i, a in enumerate(truth) if len(a.get("objects", [])) == count]
         if idx and len(idx) < len(truth):
             print(f"  {kind:11s} ({len(idx)} prompts): {show(toy.score_toy(img[idx].cpu(), [truth[i] for i in idx]))}")
-    return acc
+    with torch.no_grad():
+        fd = eval.toy_fd(img.cpu())  # a continuous measure beside the accuracies: 0 would be the real distribution
+    print(f"toy FD to {fd['n']} real images: {fd['fd']:.3f} (two real sets of that size: {fd['floor']:.3f})")
+    return {**acc, "toy_fd": fd["fd"], "toy_fd_floor": fd["floor"]}
 
 
 def main(args):
