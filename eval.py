@@ -514,7 +514,8 @@ def main(args):
                "fid, fd_dinov2, pr and dc need --ref (images or statistics)" if not args.ref and (
                    args.save_ref_stats or {"fid", "fd_dinov2"} & set(metrics) or pairwise) else
                "--save-ref-stats and pr / dc need --ref as images" if stats_file and (args.save_ref_stats or pairwise)
-               else None)
+               else "--save-ref-stats writes fid / fd_dinov2 statistics: name them in --metrics" if args.save_ref_stats
+               and not {"fid", "fd_dinov2"} & set(metrics) else None)
     if problem:
         raise SystemExit(problem)
     prompts = read_prompts(args) if {"siglip", "toy_geneval"} & set(metrics) else None  # before the long part

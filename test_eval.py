@@ -397,3 +397,16 @@ def test_cli_dinov2_prdc_siglip_and_toy_geneval(tmp_path, toy_encoder):
     assert abs(got["siglip"] - float(toy_encoder.score(torch.nn.functional.interpolate(
         img, size=(112, 112), mode="bilinear", antialias=True), prompts).diagonal().mean())) < 1e-4
     assert got["toy_color_acc"] > 0.8 and got["toy_shape_acc"] > 0.5, got
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--gen", "g", "--metrics", "fid,nope"], "unknown ['nope']"),
+    (["--ref", "r"], "give --gen DIR"),
+    (["--gen", "g", "--metrics", "fid"], "need --ref"),
+    (["--ref", "r", "--save-ref-stats", "s.safetensors", "--metrics", "siglip"], "name them in --metrics"),
+    (["--gen", "g", "--metrics", "siglip"], "need the prompts")])
+def test_cli_misuse_is_one_line_before_any_work(argv, needle):
+    """Flags that cannot work stop at once, in one line that says what to give."""
+    with pytest.raises(SystemExit) as e:
+        metrics.main(metrics.parse_args(argv))
+    assert "\n" not in str(e.value) and needle in str(e.value), str(e.value)
