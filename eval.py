@@ -471,12 +471,10 @@ def read_prompts(args):
     path = args.prompts or os.path.join(args.gen, "latents.safetensors")
     if not os.path.exists(path):
         raise SystemExit(f"siglip / toy_geneval need the prompts: --prompts FILE, or {path} (sample.py --save-latents)")
-    if args.prompts:
-        with open(path, encoding="utf-8") as f:
-            prompts = [line.strip() for line in f if line.strip()]
-    else:
-        prompts = json.loads(ckpt.read_metadata(path).get("prompts", "[]"))
-    return prompts
+    if not args.prompts:
+        return json.loads(ckpt.read_metadata(path).get("prompts", "[]"))
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
 
 
 def compute(args, metrics, gen, ref, siglip, prompts):
