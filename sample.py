@@ -41,6 +41,7 @@ import ckpt
 import data
 import dit
 import eval
+import latents
 import qwen
 import rae
 import toy
@@ -188,17 +189,17 @@ def load_ours(args, device):
         ckpt.load_checked(model, ck["model"], path)
         model = model.to(device)
     cfg, encoder = model.cfg, args.encoder or meta.get("encoder")
-    siglip = toy.load_encoder(encoder).to(device)
-    stats = rae.load_latent_stats(meta["stats"], cfg.in_channels, cfg.num_tokens) if meta.get("stats") else None
+    ae, _, siglip = latents.load_rae(encoder, device, meta.get("stats") or None)  # siglip: None for DINOv2
     decoder = rae.load_decoder(args.decoder, device) if args.decoder else None
-    if cfg.cond == "text" and siglip.text.pos_embed.shape[1] != cfg.text_dim:
-        raise SystemExit(f"{encoder or 'toy'}: its text tower is {siglip.text.pos_embed.shape[1]} wide, but {args.ckpt} "
-                         f"was trained on text_dim {cfg.text_dim}; pass the --encoder it was trained with")
+    if cfg.cond == "text" and (siglip is None or siglip.text.pos_embed.shape[1] != cfg.text_dim):
+        width = "it has no text tower" if siglip is None else f"its text tower is {siglip.text.pos_embed.shape[1]} wide"
+        raise SystemExit(f"{encoder or 'toy'}: {width}, but {args.ckpt} was trained on text_dim {cfg.text_dim}; pass "
+                         f"the --encoder it was trained with")
     if decoder is not None and meta.get("latent", "rae") == "rae" and \
             (decoder.cfg.num_tokens, decoder.cfg.latent_dim) != (cfg.num_tokens, cfg.in_channels):
         raise SystemExit(f"{args.decoder}: decodes latents ({decoder.cfg.num_tokens}, {decoder.cfg.latent_dim}), but "
                          f"{args.ckpt} generates ({cfg.num_tokens}, {cfg.in_channels})")
-    ae = rae.RAE(siglip.vision, decoder, stats).to(device)
+    ae.decoder = decoder  # RAE.decode: the decoder's pixels (the encoder's normalisation) -> [-1, 1]
     decode = ae.decode if decoder is not None else None
     if meta.get("latent") == "vae":  # the FLUX VAE baseline: tokens -> (B, 16, h, w) -> VAE decoder
         flux, h = vae.load_flux_vae(args.vae or meta.get("vae"), device=device), 2 * math.isqrt(cfg.num_tokens)

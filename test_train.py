@@ -335,3 +335,5 @@ def test_class_conditional_dit_on_dinov2_latents(tmp_path):
     torch.testing.assert_close(cached, ae.encode(img), atol=1e-5, rtol=1e-5)
     r = run(*base[:-1], str(tmp_path / "text"), check=False)
     assert r.returncode != 0 and "--class-cond" in r.stderr.strip().splitlines()[-1]
+    run("sample.py", "--ckpt", out, "--class", "1", "--steps", "2", "--save-latents", "--out", str(tmp_path / "s"))
+    assert load_file(str(tmp_path / "s" / "latents.safetensors"))["z"].shape == (1, 256, 32)
