@@ -1,13 +1,15 @@
-"""DiT for flow matching in the latent space of a frozen encoder: a LightningDiT with per-token conditions, the
-dimension-shifted flow-matching loss, and an Euler / Heun sampler with classifier-free guidance.
+"""DiT for flow matching in the latent space of a frozen encoder: a LightningDiT with per-token conditions, and the
+loaders of our exports and of both papers' released DiTs. The loss and the sampler live in flow.py (re-exported here).
 
 Papers: RAE, "Diffusion Transformers with Representation Autoencoders" (arXiv 2510.11690): a LightningDiT, optionally
 with a wide "DDT" head (DiT-DH), trained on frozen-encoder tokens. Scale-RAE (arXiv 2601.16208): the same DiT scaled to
 text-to-image, with one condition vector per latent token fed through adaLN (no cross-attention).
 Tensors: latents z and noisy latents x are (B, N, C) tokens in raster order of a sqrt(N) x sqrt(N) grid (patch size 1).
 Time t in [0, 1] with t = 0 data and t = 1 noise: x_t = (1 - t) z + t eps; the model predicts v = eps - z.
-Condition: cfg.cond == "text": the text tower's token states (B, T, text_dim) float; "class": class ids (B,) long.
+Condition: cfg.cond == "text": the text tower's token states (B, T, text_dim) float; "class": class ids (B,) long;
+"tokens": per-token conditions (B, N, cond_dim) made outside (Scale-RAE's LLM queries).
 `drop` (B,) bool swaps a sample's condition for the learned null condition (condition dropout, the CFG branch).
+The released DiTs (load_rae_dit, load_scale_rae_dit) load through released.py's key maps into this same module.
 
     python dit.py                        # parameter count and training FLOPs of every preset, then a smoke test
     python -m pytest -q test_dit.py      # the tests (CPU, under a minute)
