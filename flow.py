@@ -134,3 +134,13 @@ def official_schedule(kind, alpha):
         steps = [(used[i], used[i - 1]) for i in range(48, 0, -1)] + [(used[48], used[49])]
         return [(f32(a), f32(b)) for a, b in steps]
     raise ValueError(f"official schedule must be 'rae' or 'scale-rae', got {kind!r}")
+
+
+# ----------------------------------------------------------------------------- smoke test
+if __name__ == "__main__":  # a constant velocity is integrated exactly along our grid and the official schedules
+    v = torch.full((1, 4, 2), 0.5)
+    for name in ("ours", "rae", "scale-rae"):
+        schedule = None if name == "ours" else official_schedule(name, math.sqrt(48))
+        x = sample(lambda x, t, cond, drop: v, torch.zeros(1, 4, 2), None, math.sqrt(48), steps=10, schedule=schedule)
+        exact = -0.5 if schedule is None else 0.5 * sum(t_next - t for t, t_next in schedule)
+        print(f"{name:9s}: {len(schedule or range(10))} steps, x = {x[0, 0, 0].item():+.6f} (exact {exact:+.6f})")

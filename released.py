@@ -128,3 +128,15 @@ def official_state(state, cfg, kind, to_ours=True):
     else:
         out["y_embedder.dropout_embedding"] = state["null_cond"]
     return out
+
+
+# ----------------------------------------------------------------------------- smoke test
+if __name__ == "__main__":  # a tiny DiT^DH to the official layout and back: the same tensors
+    import dit
+    cfg = dit.DiTConfig(in_channels=8, num_tokens=16, hidden_size=32, depth=2, num_heads=4, cond="class", num_classes=10,
+                        ddt_depth=1, ddt_width=64, ddt_heads=4, cond_silu=True, connector_depth=0)
+    ours = dit.DiT(cfg).state_dict()
+    theirs = official_state(ours, cfg, "rae", to_ours=False)
+    back = official_state(theirs, cfg, "rae")
+    print(f"{len(theirs)} official tensors, config read back equal: {dit.DiTConfig(**official_config(theirs, 'rae')) == cfg}"
+          f", round trip exact: {all(torch.equal(ours[k], back[k]) for k in ours)}")
