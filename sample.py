@@ -426,7 +426,7 @@ def demo(args):
     prompts = [p for p, _ in toy.toy_prompts(96, seed=1)]  # 96 held-out prompts: ~130 objects, ~3% standard error
     out = os.path.join("runs", "toy_demo")
     acc = main(parse_args(["--ckpt", "runs/toy_dit", "--decoder", "runs/toy_decoder/decoder.safetensors",
-                           "--out", out, "--score", "--save-latents", "--guidance", str(args.guidance), "--steps", "30",
+                           "--out", out, "--score", "--save-latents", "--guidance", str(1.0 if args.guidance is None else args.guidance), "--steps", "30",
                            "--batch", "48", "--sampler", "stochastic", *sum((["--prompt", p] for p in prompts), [])]))
     print(f"demo done in {(time.time() - t0) / 60:.1f} min: grid at {out}/grid.png")
     return acc

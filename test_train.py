@@ -337,3 +337,31 @@ def test_class_conditional_dit_on_dinov2_latents(tmp_path):
     assert r.returncode != 0 and "--class-cond" in r.stderr.strip().splitlines()[-1]
     run("sample.py", "--ckpt", out, "--class", "1", "--steps", "2", "--save-latents", "--out", str(tmp_path / "s"))
     assert load_file(str(tmp_path / "s" / "latents.safetensors"))["z"].shape == (1, 256, 32)
+
+
+@pytest.mark.parametrize("flags, guidance", [([], "1.0"), (["--guidance", "2.5"], "2.5")])
+def test_demo_trains_both_then_samples_the_held_out_prompts(tmp_path, monkeypatch, flags, guidance):
+    """sample.py --demo (trainings replaced by finished stand-ins): both toy trainings are launched with --resume,
+    then the 96 held-out prompts are sampled, scored and saved with the demo's flags (unguided unless --guidance)."""
+    import sample
+    monkeypatch.chdir(tmp_path)
+    launched, sampled = [], []
+
+    class Finished:  # a training process that has already succeeded
+        def __init__(self, cmd, env=None, stdout=None, stderr=None):
+            launched.append(cmd)
+            if stdout is not None:
+                stdout.write("done: held-out PSNR 99 dB\n")
+                stdout.flush()
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(sample.subprocess, "Popen", Finished)
+    monkeypatch.setattr(sample, "main", lambda args: sampled.append(args) or {})
+    sample.demo(sample.parse_args(["--demo", *flags]))
+    assert [os.path.basename(c[1]) for c in launched] == ["train_decoder.py", "train_dit.py"]
+    assert all("--resume" in c for c in launched)
+    (args,) = sampled
+    assert len(args.prompt) == 96 and args.score and args.save_latents and args.sampler == "stochastic"
+    assert args.guidance == float(guidance) and args.ckpt == "runs/toy_dit"
