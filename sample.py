@@ -379,11 +379,9 @@ def protocol(args, m, labels, device, kw):
     todo = [j for j in range(rank, len(labels), world) if not os.path.exists(path(j))]
     if rank == 0:
         print(f"{len(labels)} samples ({args.per_class} per class) in {args.out}: {len(todo)} to draw on rank 0 of {world}")
-    step = args.batch
-    for i in tqdm(range(0, len(todo), step), desc="batches", disable=rank != 0):
-        js = todo[i:i + step]
-        z = generate(m.model, m.conditions, [labels[j] for j in js], m.alpha, **{**kw, "batch": step},
-                     indices=js, progress=False)
+    for i in tqdm(range(0, len(todo), args.batch), desc="batches", disable=rank != 0):
+        js = todo[i:i + args.batch]  # this rank's next batch of image indices
+        z = generate(m.model, m.conditions, [labels[j] for j in js], m.alpha, **kw, indices=js, progress=False)
         with torch.no_grad(), autocast(device, kw["bf16"]):
             img = m.decode(z).float()  # (b, 3, H, W), about [-1, 1]
         pixels = ((img + 1) / 2).clamp(0, 1).mul(255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
