@@ -76,7 +76,8 @@ def parse_args(argv=None):
                    "file as --ckpt), which takes the unconditional prediction's place (scale: --guidance)")
     p.add_argument("--n", type=int, default=1, help="samples per prompt")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale, or AutoGuidance's "
-                   "with --guide (1: off; default 4 for our DiTs, 1 for --demo and the released models)")
+                   "with --guide (1: off; default 4 for our DiTs, 1 for --demo and the released models, 1.42 for a "
+                   "released DiT with --guide, RAE's scale at 256 px)")
     p.add_argument("--guidance-interval", type=float, nargs=2, default=(0.0, 1.0),
                    help="apply guidance only for t in [lo, hi]")
     p.add_argument("--steps", type=int, default=50, help="sampler steps (our grid)")
@@ -332,8 +333,8 @@ def main(args):
             torch.cuda.set_device(device)
     m = load_models(args, device)
     released = m.kind != "ours"
-    if args.guidance is None:  # the toy DiT draws sharper shapes unguided (NOTES.md, the guidance sweep)
-        args.guidance = 1.0 if args.demo or released else 4.0
+    if args.guidance is None:  # released: unguided, or RAE's AutoGuidance scale (256 px) with a guide; ours: CFG 4
+        args.guidance = (1.42 if m.guide is not None else 1.0) if released else 4.0
     official = args.schedule == "official" or (args.schedule == "auto" and released)
     kw = dict(seed=args.seed, steps=args.steps, sampler=args.sampler, guidance=args.guidance,
               guidance_interval=args.guidance_interval, eta=args.eta, batch=args.batch, guide=m.guide,
