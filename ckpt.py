@@ -69,6 +69,21 @@ def read_metadata(path):
         return f.metadata() or {}
 
 
+def read_json(path, what="a JSON file"):
+    """A JSON object (a config.json, a shard index) as a dict; a missing, malformed or non-object file fails in one
+    line naming it (`what`: what the file was expected to be, for the missing case)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: file not found (expected {what})")
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: a JSON {type(obj).__name__}, expected an object")
+    return obj
+
+
 def config_from_metadata(path, meta, key, cls):
     """The dataclass `cls` from the JSON an export keeps in its metadata under `key`. Every field of `cls` must be
     there with the type of its default: a foreign, older or hand-edited file fails naming each bad field."""

@@ -345,24 +345,10 @@ def ours_to_hf(state, keys=SIGLIP_KEYS):
     return out
 
 
-def read_json(cfg_path, what):
-    """A config.json as a dict; a missing, malformed or non-object file fails in one line naming it."""
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"{cfg_path}: file not found (expected {what})")
-    try:
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{cfg_path}: a JSON {type(cfg).__name__}, expected an object")
-    return cfg
-
-
 def read_siglip_config(path):
     """A snapshot folder's config.json -> (vision config, text config), with transformers' defaults filled in."""
     cfg_path = os.path.join(path, "config.json")
-    cfg = read_json(cfg_path, "a HF SigLIP-2 snapshot folder")
+    cfg = ckpt.read_json(cfg_path, "a HF SigLIP-2 snapshot folder")
     mt = cfg.get("model_type")
     if mt == "siglip2":
         raise ValueError(f"{cfg_path}: model_type 'siglip2' is a NaFlex checkpoint (variable resolution, linear "
@@ -450,7 +436,7 @@ DINO_KEYS = [("embeddings.patch_embeddings.projection.", "patch_embed."), ("embe
 def read_dinov2_config(path):
     """A DINOv2 snapshot's config.json -> our config dict (transformers' defaults of its model_type filled in)."""
     cfg_path = os.path.join(path, "config.json")
-    cfg = read_json(cfg_path, "a HF DINOv2 snapshot folder")
+    cfg = ckpt.read_json(cfg_path, "a HF DINOv2 snapshot folder")
     mt = cfg.get("model_type")
     if mt not in DINO_DEFAULTS:
         raise ValueError(f"{cfg_path}: unknown model_type {mt!r}, expected 'dinov2_with_registers' or 'dinov2'")

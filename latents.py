@@ -195,7 +195,7 @@ def load_rae(encoder, device=None, stats=None, text=True):
     256-px images, resized to 224 inside the RAE (16 x 16 patches of 14 px), CLS and registers dropped ((256, 768)
     for DINOv2-B); it has no text tower. stats: a latent statistics file (ours or the official stat.pt)."""
     config = os.path.join(encoder or "", "config.json")
-    if os.path.isfile(config) and rae.read_json(config, "a config").get("model_type", "").startswith("dinov2"):
+    if os.path.isfile(config) and ckpt.read_json(config, "a config").get("model_type", "").startswith("dinov2"):
         vision, siglip, size, input_size = rae.load_dinov2(encoder, device), None, 256, 224
     else:
         siglip = toy.load_encoder(encoder, text=text).to(device)

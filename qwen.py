@@ -16,7 +16,6 @@ tokenizer.py.
     python qwen.py                       # parameter counts of the 1.5B / 7B configs, then a tiny smoke test
     python -m pytest -q test_qwen.py     # parity with transformers' Qwen2ForCausalLM (CPU, seconds)
 """
-import json
 import os
 from dataclasses import dataclass
 
@@ -267,21 +266,11 @@ def conditions(text_model, tokenizer, prompt, max_new_tokens=512, progress=None)
 
 
 # ----------------------------------------------------------------------------- loading a snapshot
-def read_json(path):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: file not found (expected a HF snapshot folder)")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-
-
 def read_config(path):
     """A snapshot folder's config.json (model_type "qwen2" or Scale-RAE's "cambrian_qwen") -> (QwenConfig, the raw
     dict). Defaults are HF Qwen2Config's; what this file does not implement is refused, every bad field named."""
     where = os.path.join(path, "config.json")
-    raw = read_json(where)
+    raw = ckpt.read_json(where, "a HF snapshot folder")
     if not isinstance(raw, dict):
         raise ValueError(f"{where}: not a config (a JSON {type(raw).__name__})")
     problems = []
@@ -329,7 +318,7 @@ def read_weights(path, keep=None):
     for name, read in kinds:
         single, index = os.path.join(path, name), os.path.join(path, name + ".index.json")
         if os.path.isfile(index):
-            weight_map = read_json(index).get("weight_map")
+            weight_map = ckpt.read_json(index, "a shard index").get("weight_map")
             if not isinstance(weight_map, dict):
                 raise ValueError(f"{index}: not a shard index (no 'weight_map' object)")
             files = sorted({f for k, f in weight_map.items() if keep is None or keep(k)})

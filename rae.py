@@ -30,13 +30,13 @@ import ckpt
 from encoders import (DINO_DEFAULTS, DINO_KEYS, IMAGENET_MEAN, IMAGENET_STD, SIGLIP_KEYS, TEXT_DEFAULTS,
                       VISION_DEFAULTS, Attention, Block, DINOv2, MAPHead, MLP, SigLIP2, TextTower, VisionTower,
                       attention, check_image, fuse_qkv, hf_to_ours, load_dinov2, load_siglip2, ours_to_hf,
-                      read_dinov2_config, read_json, read_siglip_config, save_siglip2, snapshot_files)
+                      read_dinov2_config, read_siglip_config, save_siglip2, snapshot_files)
 
 # the encoders' names, re-exported so that callers keep one module to import (rae.load_siglip2, rae.SigLIP2, ...)
 __all__ = ["DINO_DEFAULTS", "DINO_KEYS", "IMAGENET_MEAN", "IMAGENET_STD", "SIGLIP_KEYS", "TEXT_DEFAULTS",
            "VISION_DEFAULTS", "Attention", "Block", "DINOv2", "MAPHead", "MLP", "SigLIP2", "TextTower", "VisionTower",
            "attention", "check_image", "fuse_qkv", "hf_to_ours", "load_dinov2", "load_siglip2", "ours_to_hf",
-           "read_dinov2_config", "read_json", "read_siglip_config", "save_siglip2", "snapshot_files",
+           "read_dinov2_config", "read_siglip_config", "save_siglip2", "snapshot_files",
            "DecoderConfig", "DECODER_PRESETS", "Decoder", "RAE", "sincos_2d", "unpatchify", "check_pixels",
            "compute_latent_stats", "save_latent_stats", "load_latent_stats", "save_decoder", "load_decoder",
            "import_rae_decoder", "DECODER_KEYS"]
@@ -384,7 +384,7 @@ def load_released_decoder(file, state, diffusers, drop_first_token=False):
     Missing trainable_cls_token: zeros (the official strict=False load keeps its zero init); missing
     decoder_pos_embed: the unscaled MAE table; a stored one is used as it is."""
     beside = os.path.join(os.path.dirname(file), "config.json")
-    cfg_json = read_json(beside, "a decoder config") if os.path.isfile(beside) else None
+    cfg_json = ckpt.read_json(beside, "a decoder config") if os.path.isfile(beside) else None
     names = DIFFUSERS_KEYS if diffusers else []  # checked in the file's own names, loaded in the official ones
     rename = lambda k: "decoder." + reduce(lambda k, m: k.replace(m[1], m[0]), names, k) if diffusers else k
     state = {reduce(lambda k, m: k.replace(*m), names, k.removeprefix("decoder.")): v for k, v in state.items()}
