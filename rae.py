@@ -163,14 +163,21 @@ class RAE(nn.Module):
         """img (B, 3, H, W) in [-1, 1] -> the encoder's input pixels (see the class docstring)."""
         size = self.input_size
         resize = size is not None and tuple(img.shape[-2:]) != (size, size)
-        if not resize and self.pixel_mean == self.pixel_std == (0.5, 0.5, 0.5):
+        if not resize and self.signed_pixels():
             return img  # (img + 1) / 2 normalised by 0.5 / 0.5 is img: skip the two roundings
         x = (img + 1) / 2  # [0, 1]
         if resize:
             x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
-        mean, std = (torch.tensor(s, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-                     for s in (self.pixel_mean, self.pixel_std))
+        mean, std = self.pixel_stats(x)
         return (x - mean) / std
+
+    def signed_pixels(self):
+        """Whether the encoder's normalised pixels are img itself: mean = std = 0.5 (SigLIP)."""
+        return self.pixel_mean == self.pixel_std == (0.5, 0.5, 0.5)
+
+    def pixel_stats(self, x):
+        """The encoder's pixel mean and std as (1, 3, 1, 1) tensors of x's dtype and device."""
+        return (torch.tensor(s, dtype=x.dtype, device=x.device).view(1, 3, 1, 1) for s in (self.pixel_mean, self.pixel_std))
 
     def tokens(self, img):
         """img in [-1, 1] -> (B, N, C) the encoder's last block output over the patch tokens (before any norm)."""
@@ -188,10 +195,9 @@ class RAE(nn.Module):
     def decode(self, z):
         """z (B, N, C) -> img (B, 3, H, W), about [-1, 1] (not clamped)."""
         x = self.decoder(self.unnormalize(z))  # the encoder's normalised pixel space
-        if self.pixel_mean == self.pixel_std == (0.5, 0.5, 0.5):
+        if self.signed_pixels():
             return x  # x * 0.5 + 0.5 is [0, 1], so x is [-1, 1] already
-        mean, std = (torch.tensor(s, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-                     for s in (self.pixel_mean, self.pixel_std))
+        mean, std = self.pixel_stats(x)
         return (x * std + mean) * 2 - 1
 
     def unnormalize(self, z):
