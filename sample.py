@@ -143,6 +143,11 @@ def text_conditions(siglip):
     return lambda prompts: siglip.text(siglip.tokenizer(prompts).to(device)).float()
 
 
+def class_conditions(device):
+    """Class-conditional DiTs read the class ids themselves, (B,) long."""
+    return lambda ids: torch.tensor(ids, device=device)
+
+
 # ----------------------------------------------------------------------------- loading the three kinds of checkpoint
 @dataclass
 class Models:
@@ -160,10 +165,8 @@ class Models:
 def checkpoint_kind(path):
     """'scale-rae' for a Scale-RAE snapshot folder, 'rae' for RAE's torch-pickled stage2_model.pt, else 'ours'."""
     config = os.path.join(path, "config.json")
-    if os.path.isdir(path) and os.path.exists(config):
-        with open(config) as f:
-            if json.load(f).get("model_type") == "cambrian_qwen":
-                return "scale-rae"
+    if os.path.isdir(path) and os.path.exists(config) and ckpt.read_json(config).get("model_type") == "cambrian_qwen":
+        return "scale-rae"
     return "rae" if os.path.isfile(path) and rae.is_torch_file(path) else "ours"
 
 
@@ -191,21 +194,17 @@ def load_ours(args, device):
         model = model.to(device)
     cfg, encoder = model.cfg, args.encoder or meta.get("encoder")
     ae, _, siglip = latents.load_rae(encoder, device, meta.get("stats") or None)  # siglip: None for DINOv2
-    decoder = rae.load_decoder(args.decoder, device) if args.decoder else None
+    decoder = load_decoder(args, cfg, device) if args.decoder and meta.get("latent", "rae") == "rae" else None
     if cfg.cond == "text" and (siglip is None or siglip.text.pos_embed.shape[1] != cfg.text_dim):
         width = "it has no text tower" if siglip is None else f"its text tower is {siglip.text.pos_embed.shape[1]} wide"
         raise SystemExit(f"{encoder or 'toy'}: {width}, but {args.ckpt} was trained on text_dim {cfg.text_dim}; pass "
                          f"the --encoder it was trained with")
-    if decoder is not None and meta.get("latent", "rae") == "rae" and \
-            (decoder.cfg.num_tokens, decoder.cfg.latent_dim) != (cfg.num_tokens, cfg.in_channels):
-        raise SystemExit(f"{args.decoder}: decodes latents ({decoder.cfg.num_tokens}, {decoder.cfg.latent_dim}), but "
-                         f"{args.ckpt} generates ({cfg.num_tokens}, {cfg.in_channels})")
     ae.decoder = decoder  # RAE.decode: the decoder's pixels (the encoder's normalisation) -> [-1, 1]
     decode = ae.decode if decoder is not None else None
     if meta.get("latent") == "vae":  # the FLUX VAE baseline: tokens -> (B, 16, h, w) -> VAE decoder
         flux, h = vae.load_flux_vae(args.vae or meta.get("vae"), device=device), 2 * math.isqrt(cfg.num_tokens)
         decode = lambda z: flux.decode(vae.unpack(z, h, h))
-    conditions = text_conditions(siglip) if cfg.cond == "text" else lambda c: torch.tensor(c, device=device)
+    conditions = text_conditions(siglip) if cfg.cond == "text" else class_conditions(device)
     guide = dit.load_dit(args.guide, device)[0] if args.guide else None
     return Models("ours", model, float(meta["alpha"]), conditions, decode, guide, meta, siglip, ae)
 
@@ -217,17 +216,14 @@ def load_rae_release(args, device):
     guide = dit.load_rae_dit(args.guide, device) if args.guide else None
     cfg, decode = model.cfg, None
     if args.decoder:
-        decoder = rae.load_decoder(args.decoder, device)
-        if (decoder.cfg.num_tokens, decoder.cfg.latent_dim) != (cfg.num_tokens, cfg.in_channels):
-            raise SystemExit(f"{args.decoder}: decodes latents ({decoder.cfg.num_tokens}, {decoder.cfg.latent_dim}), "
-                             f"but {args.ckpt} generates ({cfg.num_tokens}, {cfg.in_channels})")
+        decoder = load_decoder(args, cfg, device)
         if not args.stats:
             raise SystemExit(f"--stats: {args.ckpt} generates normalised latents; give its stat.pt to decode them")
         stats = rae.load_latent_stats(args.stats, cfg.in_channels, cfg.num_tokens)
         mean, std = PIXEL_STATS[args.pixel_stats]
         decode = rae.RAE(None, decoder, stats, pixel_mean=mean, pixel_std=std).to(device).decode
     alpha = dit.shift_alpha(cfg.num_tokens, cfg.in_channels)  # sqrt(N C / 4096): sqrt(48) for 256 x 768
-    return Models("rae", model, alpha, lambda c: torch.tensor(c, device=device), decode, guide)
+    return Models("rae", model, alpha, class_conditions(device), decode, guide)
 
 
 def load_scale_rae_release(args, device):
@@ -235,8 +231,8 @@ def load_scale_rae_release(args, device):
     per-token conditions of its 2.4B DiT; the siglip2_decoder draws the 224-px image."""
     text = qwen.load_scale_rae(args.ckpt, device)
     tokenizer = qwen.Tokenizer(args.ckpt)
-    with open(os.path.join(args.ckpt, "config.json")) as f:
-        heads = json.load(f).get("diffusion_model_heads")  # the DiT's heads are in no tensor shape
+    # the DiT's heads are in no tensor shape: config.json says them
+    heads = ckpt.read_json(os.path.join(args.ckpt, "config.json")).get("diffusion_model_heads")
     model = dit.load_scale_rae_dit(qwen.read_dit_state(args.ckpt), num_heads=heads, device=device, path=args.ckpt)
     if args.guide:
         raise SystemExit("--guide: Scale-RAE released no guide model; use --guidance W for classifier-free guidance")
@@ -252,10 +248,20 @@ def load_scale_rae_release(args, device):
 
     decode = None
     if args.decoder:
-        decoder = rae.load_decoder(args.decoder, device)  # Scale-RAE's decoder ignores a leading token: give N
-        decode = rae.RAE(None, decoder, None, pixel_mean=(0.5,) * 3, pixel_std=(0.5,) * 3).to(device).decode
+        decoder = load_decoder(args, model.cfg, device)  # Scale-RAE's decoder ignores a leading token: it is given N
+        mean, std = PIXEL_STATS["siglip"]
+        decode = rae.RAE(None, decoder, None, pixel_mean=mean, pixel_std=std).to(device).decode
     alpha = dit.shift_alpha(model.cfg.num_tokens, model.cfg.in_channels)  # sqrt(72) for 256 x 1152
     return Models("scale-rae", model, alpha, conditions, decode)
+
+
+def load_decoder(args, cfg, device):
+    """--decoder, checked against the latent (N, C) that the DiT of cfg generates, before any sampling."""
+    decoder = rae.load_decoder(args.decoder, device)
+    if (decoder.cfg.num_tokens, decoder.cfg.latent_dim) != (cfg.num_tokens, cfg.in_channels):
+        raise SystemExit(f"{args.decoder}: decodes latents ({decoder.cfg.num_tokens}, {decoder.cfg.latent_dim}), but "
+                         f"{args.ckpt} generates ({cfg.num_tokens}, {cfg.in_channels})")
+    return decoder
 
 
 def read_items(args, m):
@@ -325,12 +331,9 @@ def score(siglip, ae, z, img, prompts):
 def main(args):
     if args.demo:
         return demo(args)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.per_class and "RANK" in os.environ:  # torchrun: one process per GPU, each drawing its share
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
+    # --per-class under torchrun: one process per GPU, each drawing its share (eval.setup joins the process group and
+    # picks this rank's device, as eval.py's feature extraction does)
+    device = eval.setup()[0] if args.per_class else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     m = load_models(args, device)
     released = m.kind != "ours"
     if args.guidance is None:  # released: unguided, or RAE's AutoGuidance scale (256 px) with a guide; ours: CFG 4
