@@ -186,8 +186,8 @@ def per_sample_noise(seed, step, indices, shape, alpha, p_drop, device):
 class FrozenTowers:
     """The frozen models: images -> latents z (B, N, C) (the RAE, or the FLUX VAE with --latent vae), captions ->
     text states (B, 64, Dt) (the SigLIP-2 text tower). Never trained, wrapped or saved. They run in fp32 (TF32 matmuls
-    on a GPU), as the official code encodes: only the DiT trains under bf16 autocast. Under bf16 the latents would move
-    by about 1% of their scale, and the released DiTs and decoders were made with fp32 latents.
+    on a GPU), as the official code encodes: only the DiT trains under bf16 autocast, so the latents are the fp32
+    ones the released DiTs and decoders were made with.
     A DINOv2 snapshot as --encoder gives RAE's ImageNet latent (latents.load_rae); it has no text tower."""
     def __init__(self, args, run):
         self.kind, self.device = args.latent, run.device
@@ -242,8 +242,8 @@ def build_model(args, run, towers, train_set):
     N, C = towers.shape
     tower = towers.text
     preset = dict(dit.PRESETS[args.model])
-    preset.update(in_channels=C, num_tokens=N, text_dim=tower.pos_embed.shape[1] if tower is not None else 0,
-                  text_len=min(preset.get("text_len", 64), tower.pos_embed.shape[0]) if tower is not None else 0)  # <= the tower's
+    T, Dt = tower.pos_embed.shape if tower is not None else (0, 0)  # the text tower's positions and width
+    preset.update(in_channels=C, num_tokens=N, text_dim=Dt, text_len=min(preset.get("text_len", 64), T))
     if args.class_cond:
         preset.update(cond="class", num_classes=len(getattr(train_set, "classes", [])) or preset.get("num_classes", 1000))
     else:
@@ -327,8 +327,7 @@ def sample_grid(args, run, towers, cfg, ema, alpha, decoder, prompts, step):
         z = dit.sample(ema, noise, cond, alpha, steps=25, guidance=args.guidance)
     if decoder is None or not run.master:
         return
-    towers.rae.decoder = decoder  # its pixels are the encoder's (ImageNet-normalised for DINOv2): RAE.decode maps them
-    img = towers.rae.decode(z.float()).clamp(-1, 1)  # (B, 3, H, W)
+    img = towers.rae.decode(z.float()).clamp(-1, 1)  # (B, 3, H, W); main gave the RAE its decoder
     data.save_image_grid(os.path.join(args.out, f"samples_{step:06d}.png"), img, prompts)
 
 
@@ -404,6 +403,8 @@ def main(args):
     prompts = args.prompt or ([p for p, _ in toy.toy_prompts(8)] if args.data.startswith("toy") else
                                ["a photo of a cat", "a red car on a street", "a bowl of fruit", "a mountain lake at sunrise"])
     decoder = rae.load_decoder(args.decoder, run.device) if args.decoder and args.latent == "rae" else None
+    if decoder is not None:  # its pixels are the encoder's (ImageNet-normalised for DINOv2): RAE.decode maps them
+        towers.rae.decoder = decoder
 
     # the loop
     batches = data.infinite_batches(train_set, args.batch // run.world, run.rank, run.world, args.seed, args.workers,
