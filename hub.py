@@ -27,7 +27,7 @@ from fnmatch import fnmatchcase
 
 from tqdm import tqdm
 
-# name -> (repo, include patterns): the files a loader needs, nothing else (released-checkpoints.md §0, §A1, §C)
+# name -> (repo, include patterns): the files a loader needs, nothing else (paths as the official configs name them)
 PRESETS = {
     # Scale-RAE LLM + DiT head: config, slow/fast tokenizer files, weights (+ shard index); safetensors preferred
     "scale-rae": ("nyu-visionx/Scale-RAE-Qwen1.5B_DiT2.4B",

@@ -3,7 +3,7 @@
 Needs: a checkout of github.com/bytetriper/RAE, one of github.com/ZitengWangNYU/Scale-RAE, and a scratch venv
 (outside this repo) with torch + numpy + einops (+ tqdm; torchdiffeq for the RAE sampler). It never imports
 transformers or timm: it installs small sys.modules stubs for them (and for `regex` and the `scale_rae`
-package) before importing the official modules, as released-checkpoints.md §D1/§D2/§D4 describe.
+package) before importing the official modules, so that neither needs installing.
 
     python3 -m venv /tmp/refvenv && /tmp/refvenv/bin/pip install torch==2.13.0 numpy einops tqdm torchdiffeq
     /tmp/refvenv/bin/python make_fixtures.py --rae /path/RAE --scale-rae /path/Scale-RAE --out fixtures

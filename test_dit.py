@@ -595,7 +595,7 @@ def scale_rae_dit_shapes(D=2048, depth=32, heads=32, C=1152, Dc=2048, N=256):
     ("Scale-RAE 2.4B", scale_rae_dit_shapes(), "scale-rae", 2_435_944_896)])
 def test_official_dits_round_trip_every_key_and_shape_at_full_size(name, shapes, kind, params):
     """Import then export on the meta device gives back exactly the official keys and shapes (parameter counts as
-    released-checkpoints.md counts them: frozen tables included, RoPE buffers not)."""
+    a walk of the official module trees counts them: frozen tables included, RoPE buffers not)."""
     state = {k: torch.empty(v, device="meta") for k, v in shapes.items()}
     assert sum(v.numel() for k, v in state.items() if "rope" not in k) == params
     cfg = DiTConfig(**released.official_config(state, kind))
@@ -650,7 +650,7 @@ def test_official_rope_order_is_the_neighbour_pairing():
 
 def test_official_schedules():
     """RAE: 49 Euler steps on 1 - linspace(0, 0.999, 50) shifted by sqrt(48); Scale-RAE: 48 steps down its respaced
-    grid, then the last step back up to t = 1 (49 model calls). Values as released-checkpoints.md lists them."""
+    grid, then the last step back up to t = 1 (49 model calls). Values as the official grids compute them."""
     rae = dit.official_schedule("rae", math.sqrt(48))
     assert len(rae) == 49 and rae[0][0] == 1.0 and all(a[1] == b[0] for a, b in zip(rae, rae[1:]))
     assert [round(t, 5) for t, _ in rae[:4]] == [1.0, 0.99701, 0.9939, 0.99068]

@@ -1,7 +1,7 @@
 """Tests for qwen.py against transformers' Qwen2ForCausalLM on tiny random weights written in the released layout
 (config.json + model.safetensors, or shards + model.safetensors.index.json): logits and final-norm states, cached
 decoding, the one-line reports of bad files, and Scale-RAE's conditioning path (greedy answer, <im_start>, 256 latent
-queries, projector) against a cache-free reference written here from the official loop (released-checkpoints.md C5).
+queries, projector) against a cache-free reference written here from the official loop (Scale-RAE's greedy_decode).
 
 `write_tiny_scale_rae(folder)` writes a whole tiny Scale-RAE snapshot (LLM, mm_projector, latent queries, projector,
 the DiT's diff_head.model.* keys, tokenizer.json) for other tests to reuse.
@@ -127,7 +127,7 @@ def tiny_tokenizer():
 
 
 def dit_shapes(hidden, depth, heads, tokens, channels, z):
-    """The released diff_head.model.* keys (a LightningDiT, released-checkpoints.md C3) at a given size."""
+    """The released diff_head.model.* keys (a LightningDiT, from the official module tree) at a given size."""
     mlp = int(2 / 3 * 4 * hidden)  # SwiGLU hidden: 5461 at 2048
     shapes = {"pos_embed": (1, tokens, hidden), "x_embedder.proj.weight": (hidden, channels, 1, 1),
               "x_embedder.proj.bias": (hidden,), "t_embedder.mlp.0.weight": (hidden, 512),
@@ -150,7 +150,7 @@ def dit_shapes(hidden, depth, heads, tokens, channels, z):
 
 
 def scale_rae_config(llm, channels=1152, dit=DIT):
-    """config.json of a Scale-RAE snapshot: the fields of released-checkpoints.md C2 around a Qwen2 config."""
+    """config.json of a Scale-RAE snapshot: the fields the official constructor reads, around a Qwen2 config."""
     return {**{k: v for k, v in llm.items() if k not in ("architectures", "model_type")},
             "architectures": ["ScaleRAEQwenForCausalLM"], "model_type": "cambrian_qwen",
             "vision_loss": "diffusion-loss", "vision_loss_mode": "query", "vision_coef": 2.0,
